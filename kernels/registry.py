@@ -1,0 +1,126 @@
+"""One place that decides which implementation of an op runs.
+
+Implementations register under (op, backend). Backend modules are imported
+lazily, on first use, inside try/except: a backend whose imports fail (no CuPy,
+no CUDA driver) is reported as unavailable with the reason, and nothing else
+is affected.
+
+Selection order for a call: the ``backend=`` argument, then the environment
+variable ``GLORO_BACKEND`` (for arrays of the matching kind), then the array
+type: NumPy arrays go to the fastest CPU backend, CuPy arrays to ``cupy``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# backend name -> (module that registers it, device kind)
+BACKEND_MODULES: dict[str, tuple[str, str]] = {
+    "reference": ("kernels.reference", "cpu"),
+    "numpy": ("kernels.numpy_backend", "cpu"),
+    "numba": ("kernels.numba_backend", "cpu"),
+    "cupy": ("kernels.cupy_backend", "gpu"),
+    "numba_cuda": ("kernels.numba_cuda_backend", "gpu"),
+}
+
+# Default per op for NumPy arrays: whichever CPU backend measures faster
+# (bench/run.py); ops not listed use DEFAULT_CPU.
+DEFAULT_CPU = "numpy"
+DEFAULT_CPU_BY_OP: dict[str, str] = {}
+DEFAULT_GPU = "cupy"
+
+ENV_VAR = "GLORO_BACKEND"
+
+_IMPLS: dict[tuple[str, str], object] = {}
+_LOADED: dict[str, str | None] = {}  # backend -> None if ok, else the reason it failed
+
+
+def register(op: str, backend: str):
+    """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``."""
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_MODULES)}")
+
+    def deco(fn):
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def _load(backend: str) -> str | None:
+    """Import the backend's module once; return None or the reason it is unavailable."""
+    if backend not in _LOADED:
+        module, _ = BACKEND_MODULES[backend]
+        try:
+            mod = importlib.import_module(module)
+            check = getattr(mod, "availability", None)
+            _LOADED[backend] = check() if check is not None else None
+        except Exception as exc:  # any import-time failure means "not here"
+            _LOADED[backend] = f"{type(exc).__name__}: {exc}"
+    return _LOADED[backend]
+
+
+def availability() -> dict[str, str | None]:
+    """Map every known backend to None (available) or the reason it is not."""
+    return {name: _load(name) for name in BACKEND_MODULES}
+
+
+def backends() -> list[str]:
+    """Names of the backends that work on this machine."""
+    return [name for name, why in availability().items() if why is None]
+
+
+def device_of(backend: str) -> str:
+    """'cpu' or 'gpu'."""
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_MODULES)}")
+    return BACKEND_MODULES[backend][1]
+
+
+def is_gpu_array(x) -> bool:
+    """True for CuPy arrays; never imports CuPy itself."""
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def array_module(x):
+    """numpy or cupy, whichever owns ``x``."""
+    if is_gpu_array(x):
+        return sys.modules["cupy"]
+    import numpy
+
+    return numpy
+
+
+def select(op: str, like, backend: str | None = None) -> str:
+    """Name of the backend that runs ``op`` for an array like ``like``."""
+    device = "gpu" if is_gpu_array(like) else "cpu"
+    if backend is None:
+        env = os.environ.get(ENV_VAR)
+        if env and env in BACKEND_MODULES and device_of(env) == device:
+            backend = env
+        elif env and env not in BACKEND_MODULES:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a backend; known: {sorted(BACKEND_MODULES)}")
+    if backend is None:
+        backend = DEFAULT_GPU if device == "gpu" else DEFAULT_CPU_BY_OP.get(op, DEFAULT_CPU)
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_MODULES)}")
+    if device_of(backend) != device:
+        raise ValueError(
+            f"backend {backend!r} runs on the {device_of(backend)} but the array is a "
+            f"{'CuPy' if device == 'gpu' else 'NumPy'} array"
+        )
+    return backend
+
+
+def get(op: str, backend: str):
+    """The implementation of ``op`` on ``backend``; a clear error if there is none."""
+    why = _load(backend)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} is not available here: {why}")
+    try:
+        return _IMPLS[(op, backend)]
+    except KeyError:
+        have = sorted(o for (o, b) in _IMPLS if b == backend)
+        raise NotImplementedError(f"op {op!r} has no {backend!r} implementation; it has {have}") from None
