@@ -20,6 +20,7 @@ from .api import (
     minmax_grad,
 )
 from .checks import conv_out_hw, resolve_padding
+from .fused import adam_update
 from .registry import array_module, availability, backends, is_gpu_array
 
 OPS = (
@@ -35,6 +36,7 @@ OPS = (
 
 __all__ = [
     "OPS",
+    "adam_update",
     "array_module",
     "availability",
     "backends",
