@@ -1,0 +1,342 @@
+"""The ``numba`` backend: Numba CPU loops for data movement, BLAS for the GEMMs.
+
+Convolutions are lowered to GEMMs over an im2col matrix laid out as
+``cols (K, nb*P)`` with K = C*kh*kw (row r = (c, p, q)) and column
+m*P + i*OW + j for sample m of a chunk of ``nb`` samples and output pixel (i, j),
+P = OH*OW. Numba builds and scatters those matrices (``prange``, vectorisable
+inner loops over output columns); the GEMMs go to BLAS through ``np.dot``, which
+uses both cores on its own. The batch is processed in chunks whose im2col
+matrix stays cache-sized, so the full (N*P, K) matrix is never materialised:
+
+    conv2d:             Y (O, nb*P)  = W (O, K) @ cols        -> y[n, o, :] (+ b)
+    conv2d_grad_input:  G (K, nb*P)  = W^T @ gy^T (O, nb*P)    -> col2im -> gx
+    conv2d_grad_weight: gW (O, K)   += gy^T (O, nb*P) @ cols^T
+
+With a single-sample chunk (nb = 1, the power method's iterates) the (O, P)
+matrices are the NCHW sample itself, so the GEMM reads/writes it in place.
+
+Dense layers are one BLAS call each; MinMax is a Numba loop over channel pairs.
+Every array keeps the input dtype (float32 stays float32). Inputs arrive
+validated by kernels/api.py: ``stride`` = (sh, sw), ``pads`` = (top, bottom,
+left, right).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import register
+
+try:
+    from numba import njit, prange
+
+    _WHY = None
+except Exception as exc:  # no numba: the module still imports, the backend reports why
+    _WHY = f"numba is not importable: {type(exc).__name__}: {exc}"
+    prange = range
+
+    def njit(*args, **kwargs):
+        return (lambda fn: fn) if not args or not callable(args[0]) else args[0]
+
+
+def availability() -> str | None:
+    """None when the backend is usable, else the reason it is not."""
+    return _WHY
+
+
+# Elements of one im2col chunk: ~4 MiB of float32 (K*nb*P <= this, nb >= 1).
+_CHUNK_ELEMS = 1 << 20
+
+_JIT = dict(parallel=True, cache=True)
+
+
+# ---------------------------------------------------------------- conv helpers (jitted)
+
+@njit(**_JIT)
+def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
+    """x (N, C, H, W) -> cols (C*kh*kw, nb*OH*OW) for samples n0 .. n0+nb-1 (zero padding)."""
+    _, c_in, h, w = x.shape
+    p_sz = oh * ow
+    nb = cols.shape[1] // p_sz
+    for t in prange(c_in * kh * kw * nb):
+        r = t // nb
+        m = t - r * nb
+        c = r // (kh * kw)
+        p = (r // kw) % kh
+        q = r % kw
+        # output columns j whose input column j*sw + q - pl lies inside [0, w)
+        j_lo = (pl - q + sw - 1) // sw if pl > q else 0
+        j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
+        if j_hi < j_lo:
+            j_hi = j_lo
+        for i in range(oh):
+            hi = i * sh + p - pt
+            col0 = m * p_sz + i * ow
+            if hi < 0 or hi >= h:
+                for j in range(ow):
+                    cols[r, col0 + j] = 0
+            else:
+                for j in range(j_lo):
+                    cols[r, col0 + j] = 0
+                for j in range(j_lo, j_hi):
+                    cols[r, col0 + j] = x[n0 + m, c, hi, j * sw + q - pl]
+                for j in range(j_hi, ow):
+                    cols[r, col0 + j] = 0
+
+
+@njit(**_JIT)
+def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
+    """Adjoint of _im2col: gx[n0+m] = sum of gcols entries over the patches that read each pixel.
+
+    Overwrites samples n0 .. n0+nb-1 of gx (N, C, H, W); one task per (sample, channel)
+    plane, so the scatter-adds never race.
+    """
+    _, c_in, h, w = gx.shape
+    p_sz = oh * ow
+    nb = gcols.shape[1] // p_sz
+    for t in prange(nb * c_in):
+        m = t // c_in
+        c = t - m * c_in
+        plane = gx[n0 + m, c]
+        plane[:, :] = 0
+        for p in range(kh):
+            for q in range(kw):
+                r = (c * kh + p) * kw + q
+                j_lo = (pl - q + sw - 1) // sw if pl > q else 0
+                j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
+                for i in range(oh):
+                    hi = i * sh + p - pt
+                    if hi < 0 or hi >= h:
+                        continue
+                    col0 = m * p_sz + i * ow
+                    for j in range(j_lo, j_hi):
+                        plane[hi, j * sw + q - pl] += gcols[r, col0 + j]
+
+
+@njit(**_JIT)
+def _cols_to_nchw(ymat, n0, y, b, has_bias):
+    """ymat (O, nb*P) -> y[n0+m, o, :] = ymat[o, m*P:(m+1)*P] (+ b[o]); y is (N, O, P)."""
+    o_sz = y.shape[1]
+    p_sz = y.shape[2]
+    nb = ymat.shape[1] // p_sz
+    for t in prange(nb * o_sz):
+        m = t // o_sz
+        o = t - m * o_sz
+        bo = b[o] if has_bias else 0
+        for k in range(p_sz):
+            y[n0 + m, o, k] = ymat[o, m * p_sz + k] + bo
+
+
+@njit(**_JIT)
+def _nchw_to_cols(g, n0, gmat):
+    """g (N, O, P) -> gmat (O, nb*P) with gmat[o, m*P + k] = g[n0+m, o, k]."""
+    o_sz = g.shape[1]
+    p_sz = g.shape[2]
+    nb = gmat.shape[1] // p_sz
+    for t in prange(nb * o_sz):
+        m = t // o_sz
+        o = t - m * o_sz
+        for k in range(p_sz):
+            gmat[o, m * p_sz + k] = g[n0 + m, o, k]
+
+
+@njit(**_JIT)
+def _add_bias(y, b):
+    """y (N, O, P) += b[o], in place."""
+    n_sz, o_sz, p_sz = y.shape
+    for t in prange(n_sz * o_sz):
+        n = t // o_sz
+        o = t - n * o_sz
+        bo = b[o]
+        for k in range(p_sz):
+            y[n, o, k] += bo
+
+
+# ---------------------------------------------------------------- MinMax (jitted)
+
+@njit(**_JIT)
+def _minmax(x, y):
+    """x, y (N, C, S): channels (2k, 2k+1) -> (min, max); a NaN in a pair gives (NaN, NaN)."""
+    n_sz, c_sz, s_sz = x.shape
+    half = c_sz // 2
+    for t in prange(n_sz * half):
+        n = t // half
+        k2 = 2 * (t - n * half)
+        for s in range(s_sz):
+            a = x[n, k2, s]
+            b = x[n, k2 + 1, s]
+            if a <= b:
+                y[n, k2, s] = a
+                y[n, k2 + 1, s] = b
+            elif b < a:
+                y[n, k2, s] = b
+                y[n, k2 + 1, s] = a
+            else:  # unordered: NaN, as np.minimum/np.maximum give
+                y[n, k2, s] = a + b
+                y[n, k2 + 1, s] = a + b
+
+
+@njit(**_JIT)
+def _minmax_grad(x, gy, gx):
+    """x, gy, gx (N, C, S): gy[2k] to the argmin, gy[2k+1] to the argmax; ties keep order."""
+    n_sz, c_sz, s_sz = x.shape
+    half = c_sz // 2
+    for t in prange(n_sz * half):
+        n = t // half
+        k2 = 2 * (t - n * half)
+        for s in range(s_sz):
+            if x[n, k2, s] <= x[n, k2 + 1, s]:
+                gx[n, k2, s] = gy[n, k2, s]
+                gx[n, k2 + 1, s] = gy[n, k2 + 1, s]
+            else:
+                gx[n, k2, s] = gy[n, k2 + 1, s]
+                gx[n, k2 + 1, s] = gy[n, k2, s]
+
+
+# ---------------------------------------------------------------- registered wrappers
+
+def _chunk(n, k, p):
+    """Samples per im2col chunk: keep K*nb*P near _CHUNK_ELEMS, at least 1."""
+    return max(1, min(n, _CHUNK_ELEMS // max(1, k * p)))
+
+
+def _out_hw(h, w, kh, kw, stride, pads):
+    pt, pb, pl, pr = pads
+    return (h + pt + pb - kh) // stride[0] + 1, (w + pl + pr - kw) // stride[1] + 1
+
+
+@register("conv2d", "numba")
+def conv2d(x, w, b, stride, pads):
+    """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
+    x = np.ascontiguousarray(x)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    sh, sw = stride
+    oh, ow = _out_hw(h, wd, kh, kw, stride, pads)
+    k, p = c * kh * kw, oh * ow
+    wmat = np.ascontiguousarray(w).reshape(o, k)
+    y = np.empty((n, o, p), dtype=x.dtype)
+    nb = _chunk(n, k, p)
+    # the jitted scatter takes an array either way (one signature); unused when b is None
+    bias = np.ascontiguousarray(b) if b is not None else np.zeros(o, dtype=x.dtype)
+    cols = np.empty((k, nb * p), dtype=x.dtype)
+    ymat = np.empty((o, nb * p), dtype=x.dtype) if nb > 1 else None
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        cm = cols if m == nb else np.empty((k, m * p), dtype=x.dtype)  # last, shorter chunk
+        _im2col(x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        if nb == 1:
+            np.dot(wmat, cm, out=y[n0])  # (O, P) is the sample itself
+        else:
+            ym = ymat if m == nb else np.empty((o, m * p), dtype=x.dtype)
+            np.dot(wmat, cm, out=ym)
+            _cols_to_nchw(ym, n0, y, bias, b is not None)
+    if nb == 1 and b is not None:
+        _add_bias(y, bias)
+    return y.reshape(n, o, oh, ow)
+
+
+@register("conv2d_grad_input", "numba")
+def conv2d_grad_input(gy, w, x_shape, stride, pads):
+    """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W)."""
+    n, c, h, wd = x_shape
+    o, _, kh, kw = w.shape
+    sh, sw = stride
+    oh, ow = gy.shape[2], gy.shape[3]
+    k, p = c * kh * kw, oh * ow
+    g3 = np.ascontiguousarray(gy).reshape(n, o, p)
+    wmat_t = np.ascontiguousarray(w).reshape(o, k).T  # (K, O) view: BLAS transposes it
+    gx = np.empty((n, c, h, wd), dtype=gy.dtype)
+    nb = _chunk(n, k, p)
+    gcols = np.empty((k, nb * p), dtype=gy.dtype)
+    gmat = np.empty((o, nb * p), dtype=gy.dtype) if nb > 1 else None
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        if nb == 1:
+            gm, gc = g3[n0], gcols
+        elif m == nb:
+            gm, gc = gmat, gcols
+        else:
+            gm, gc = np.empty((o, m * p), dtype=gy.dtype), np.empty((k, m * p), dtype=gy.dtype)
+        if nb > 1:
+            _nchw_to_cols(g3, n0, gm)
+        np.dot(wmat_t, gm, out=gc)
+        _col2im(gc, n0, gx, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+    return gx
+
+
+@register("conv2d_grad_weight", "numba")
+def conv2d_grad_weight(x, gy, w_shape, stride, pads):
+    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw)."""
+    x = np.ascontiguousarray(x)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w_shape
+    sh, sw = stride
+    oh, ow = gy.shape[2], gy.shape[3]
+    k, p = c * kh * kw, oh * ow
+    g3 = np.ascontiguousarray(gy).reshape(n, o, p)
+    gw = np.zeros((o, k), dtype=x.dtype)
+    part = np.empty((o, k), dtype=x.dtype)
+    nb = _chunk(n, k, p)
+    cols = np.empty((k, nb * p), dtype=x.dtype)
+    gmat = np.empty((o, nb * p), dtype=x.dtype) if nb > 1 else None
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        if m == nb:
+            cm, gm = cols, (gmat if nb > 1 else g3[n0])
+        else:
+            cm, gm = np.empty((k, m * p), dtype=x.dtype), np.empty((o, m * p), dtype=x.dtype)
+        _im2col(x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        if nb > 1:
+            _nchw_to_cols(g3, n0, gm)
+        if n0 == 0:
+            np.dot(gm, cm.T, out=gw)
+        else:
+            np.dot(gm, cm.T, out=part)
+            gw += part
+    return gw.reshape(w_shape)
+
+
+@register("dense", "numba")
+def dense(x, w, b):
+    """x (N, I), w (O, I), b (O,) or None -> y (N, O) = x w^T + b (one BLAS GEMM)."""
+    y = np.dot(x, w.T)
+    if b is not None:
+        y += b
+    return y
+
+
+@register("dense_grad_input", "numba")
+def dense_grad_input(gy, w):
+    """gy (N, O), w (O, I) -> gx (N, I) = gy w."""
+    return np.dot(gy, w)
+
+
+@register("dense_grad_weight", "numba")
+def dense_grad_weight(x, gy):
+    """x (N, I), gy (N, O) -> gw (O, I) = gy^T x."""
+    return np.dot(gy.T, x)
+
+
+def _as3(a):
+    """(N, C, ...) -> contiguous (N, C, S) view/copy; S = 1 for (N, C)."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+@register("minmax", "numba")
+def minmax(x):
+    """x (N, C, ...) with C even -> same shape; channels (2k, 2k+1) become (min, max)."""
+    x3 = _as3(x)
+    y = np.empty_like(x3)
+    _minmax(x3, y)
+    return y.reshape(x.shape)
+
+
+@register("minmax_grad", "numba")
+def minmax_grad(x, gy):
+    """x, gy (N, C, ...) -> gx: gy[2k] to the argmin, gy[2k+1] to the argmax (ties: in order)."""
+    x3 = _as3(x)
+    g3 = _as3(gy)
+    gx = np.empty_like(g3)
+    _minmax_grad(x3, g3, gx)
+    return gx.reshape(x.shape)
