@@ -1,0 +1,97 @@
+"""The paper's architectures (App. B) as layer-spec lists, and ``build``.
+
+A layer spec is the checkpoint format: a list of dicts, e.g.
+``{"type": "conv", "filters": 16, "kernel": 4, "stride": 2, "padding": "same"}`` and
+``{"type": "dense", "units": 100}``; the final dense (``units = num_classes``) is included.
+The activation (ReLU or MinMax) sits after every layer but the last and is chosen by
+``GloroNet(activation=...)``, not written in the list.
+
+Besides the named architectures, ``arch`` may be a compact string such as
+``"c(8,3,2),d(32)"`` (conv C,K,S; dense D; the final dense is appended) or a path to a
+JSON file holding a layer-spec list.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+ARCHS = {
+    "2C2F": [("c", 16, 4, 2), ("c", 32, 4, 2), ("d", 100)],
+    "4C3F": [("c", 32, 3, 1), ("c", 32, 4, 2), ("c", 64, 3, 1), ("c", 64, 4, 2),
+             ("d", 512), ("d", 512)],
+    "6C2F": [("c", 32, 3, 1), ("c", 32, 3, 1), ("c", 32, 4, 2), ("c", 64, 3, 1),
+             ("c", 64, 3, 1), ("c", 64, 4, 2), ("d", 512)],
+    "7C1F": [("c", 64, 3, 1), ("c", 64, 3, 1), ("c", 64, 4, 2), ("c", 128, 3, 1),
+             ("c", 128, 4, 2), ("c", 256, 3, 1), ("c", 256, 4, 2)],
+}
+
+
+def conv(filters: int, kernel: int, stride: int) -> dict:
+    return {"type": "conv", "filters": int(filters), "kernel": int(kernel),
+            "stride": int(stride), "padding": "same"}
+
+
+def dense(units: int) -> dict:
+    return {"type": "dense", "units": int(units)}
+
+
+def _from_tuples(items, num_classes: int) -> list[dict]:
+    out = [conv(*t[1:]) if t[0] == "c" else dense(t[1]) for t in items]
+    out.append(dense(num_classes))
+    return out
+
+
+_TOKEN = re.compile(r"\s*([cd])\s*\(\s*([0-9,\s]+)\)\s*,?", re.IGNORECASE)
+
+
+def parse_compact(text: str, num_classes: int) -> list[dict]:
+    """'c(16,4,2),d(100)' -> layer specs with the final dense(num_classes) appended."""
+    pos, items = 0, []
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"cannot parse architecture {text!r} at {text[pos:]!r}; "
+                             "expected e.g. 'c(16,4,2),d(100)'")
+        kind, args = m.group(1).lower(), [int(a) for a in m.group(2).split(",") if a.strip()]
+        if (kind == "c" and len(args) != 3) or (kind == "d" and len(args) != 1):
+            raise ValueError(f"architecture {text!r}: {m.group(0).strip()} needs "
+                             f"{'C,K,S' if kind == 'c' else 'D'}")
+        if min(args) <= 0:
+            raise ValueError(f"architecture {text!r}: sizes must be positive")
+        items.append((kind, *args))
+        pos = m.end()
+    if not items:
+        raise ValueError(f"empty architecture {text!r}")
+    return _from_tuples(items, num_classes)
+
+
+def layer_specs(arch, num_classes: int = 10) -> list[dict]:
+    """Layer-spec list for a named architecture, compact string, JSON path or list."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if isinstance(arch, (list, tuple)):
+        return [dict(d) for d in arch]
+    key = str(arch).strip()
+    if key.upper() in ARCHS:
+        return _from_tuples(ARCHS[key.upper()], num_classes)
+    if key.endswith(".json") and os.path.isfile(key):
+        with open(key) as fh:
+            specs = json.load(fh)
+        if not isinstance(specs, list) or not all(isinstance(d, dict) for d in specs):
+            raise ValueError(f"{key}: expected a JSON list of layer dicts")
+        return specs
+    if key[:1].lower() in "cd" and "(" in key:
+        return parse_compact(key, num_classes)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}, "
+                     "a compact spec like 'c(16,4,2),d(100)', or a .json layer list")
+
+
+def build(name, input_shape, num_classes: int = 10, activation: str = "relu",
+          init: str = "glorot", eps: float = 0.3, seed: int = 0, **kwargs):
+    """GloroNet for architecture ``name`` on inputs (C, H, W)."""
+    from .model import GloroNet  # the model lands separately; import at call time
+
+    specs = layer_specs(name, num_classes)
+    return GloroNet(tuple(int(s) for s in input_shape), num_classes, specs,
+                    activation=activation, init=init, eps=eps, seed=seed, **kwargs)

@@ -1,0 +1,147 @@
+"""Schedules for eps, TRADES lambda and the learning rate (paper App. B), in epochs.
+
+A schedule is a callable ``s(t) -> float`` where ``t`` is the (possibly fractional)
+number of epochs elapsed since the schedule started: ``t = epoch + step / steps``,
+so values interpolate per step where natural; epoch-wise values are ``s(epoch)``.
+
+Spec strings:
+
+- eps: ``single`` (eps_train throughout), ``x,y,e`` (linear from x to y over e epochs,
+  then eps_train), ``log`` (grows logarithmically from ~0 to eps_train over the first
+  half of training, then eps_train).
+- lambda: a constant (``1.5``) or ``x,y,e`` (linear then constant y).
+- lr: ``fixed`` or ``decay_to_lb`` (constant, then from epoch ``epochs/2`` exponential
+  decay reaching ``lb`` at the last epoch).
+Warm-up epochs of standard training come before all of these; the trainer offsets ``t``.
+"""
+from __future__ import annotations
+
+import math
+
+
+class Schedule:
+    """Callable schedule with a readable description (for logs and checkpoints)."""
+
+    def __init__(self, fn, spec: str):
+        self._fn = fn
+        self.spec = spec
+
+    def __call__(self, t: float) -> float:
+        t = float(t)
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"schedule time must be finite and >= 0, got {t}")
+        return float(self._fn(t))
+
+    def __repr__(self):
+        return f"Schedule({self.spec!r})"
+
+
+def _parse_linear(spec: str, what: str) -> tuple[float, float, float]:
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"{what} schedule {spec!r}: expected 'x,y,e'")
+    try:
+        x, y, e = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what} schedule {spec!r}: 'x,y,e' must be numbers") from None
+    if not e > 0:
+        raise ValueError(f"{what} schedule {spec!r}: e must be > 0 epochs, got {e}")
+    return x, y, e
+
+
+def linear(x: float, y: float, e: float, after: float | None = None) -> Schedule:
+    """x + (y - x) t / e for t <= e, then ``after`` (default y)."""
+    after = y if after is None else after
+
+    def fn(t):
+        return x + (y - x) * t / e if t <= e else after
+    return Schedule(fn, f"{x},{y},{e:g}")
+
+
+def eps_schedule(spec: str, eps_train: float, epochs: int) -> Schedule:
+    """eps schedule from its spec; ``epochs`` is the number of GloRo (non-warm-up) epochs."""
+    if eps_train < 0 or not math.isfinite(eps_train):
+        raise ValueError(f"eps_train must be finite and >= 0, got {eps_train}")
+    spec = (spec or "single").strip()
+    if spec == "single":
+        return Schedule(lambda t: eps_train, "single")
+    if spec == "log":
+        half = max(epochs / 2.0, 1e-12)
+        # eps_t = eps_train * log(1 + 9 t/half) / log(10): ~0 at t=0, eps_train at t=half.
+        # (Reference code grows in log space; this reaches the same end points.)
+        def fn(t):
+            if t >= half:
+                return eps_train
+            return eps_train * math.log1p(9.0 * t / half) / math.log(10.0)
+        return Schedule(fn, "log")
+    x, y, e = _parse_linear(spec, "eps")
+    return linear(x, y, e, after=eps_train)
+
+
+def lam_schedule(spec: str | float | None) -> Schedule:
+    """TRADES lambda: a constant or 'x,y,e' (linear from x to y over e epochs, then y)."""
+    if spec is None:
+        spec = "1.0"
+    if isinstance(spec, (int, float)):
+        v = float(spec)
+        return Schedule(lambda t: v, f"{v:g}")
+    spec = spec.strip()
+    if "," not in spec:
+        try:
+            v = float(spec)
+        except ValueError:
+            raise ValueError(f"lambda schedule {spec!r}: expected a number or 'x,y,e'") from None
+        return Schedule(lambda t: v, f"{v:g}")
+    return linear(*_parse_linear(spec, "lambda"))
+
+
+def lr_schedule(spec: str, lr: float, epochs: int, lb: float = 1e-6) -> Schedule:
+    """Learning rate: 'fixed' or 'decay_to_lb' (constant lr until epochs/2, then
+    exponential decay reaching ``lb`` at t = epochs)."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    spec = (spec or "fixed").strip()
+    if spec in ("fixed", "constant", "none"):
+        return Schedule(lambda t: lr, "fixed")
+    if spec == "decay_to_lb":
+        if not 0 < lb <= lr:
+            raise ValueError(f"lr lower bound must be in (0, lr={lr}], got {lb}")
+        start = epochs / 2.0
+        span = max(epochs - start, 1e-12)
+        rate = math.log(lb / lr) / span  # lr * exp(rate * span) = lb
+
+        def fn(t):
+            if t <= start:
+                return lr
+            return max(lb, lr * math.exp(rate * min(t - start, span)))
+        return Schedule(fn, f"decay_to_lb({lb:g})")
+    raise ValueError(f"unknown lr schedule {spec!r}; choose 'fixed' or 'decay_to_lb'")
+
+
+class Plan:
+    """All schedules of a run, indexed by absolute (fractional) epoch including warm-up.
+
+    Epochs [0, warmup) are standard training (eps 0, no GloRo loss); GloRo schedules
+    start at epoch ``warmup``. The lr schedule runs over the whole run.
+    """
+
+    def __init__(self, *, epochs: int, warmup: int = 0, eps_train: float, eps_spec="single",
+                 lam_spec=None, lr: float = 1e-3, lr_spec="fixed", lr_lb: float = 1e-6):
+        if epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+        if not 0 <= warmup <= epochs:
+            raise ValueError(f"warmup must be in [0, epochs={epochs}], got {warmup}")
+        self.epochs, self.warmup = epochs, warmup
+        self.eps = eps_schedule(eps_spec, eps_train, epochs - warmup)
+        self.lam = lam_schedule(lam_spec)
+        self.lr = lr_schedule(lr_spec, lr, epochs, lr_lb)
+
+    def is_warmup(self, t: float) -> bool:
+        return t < self.warmup
+
+    def at(self, t: float) -> dict:
+        """Values at absolute time t (epochs, fractional): eps, lam, lr, warmup flag."""
+        warm = self.is_warmup(t)
+        g = max(0.0, t - self.warmup)
+        return {"eps": 0.0 if warm else self.eps(g), "lam": self.lam(g),
+                "lr": self.lr(t), "warmup": warm}
