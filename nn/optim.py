@@ -1,0 +1,101 @@
+"""Adam, as Keras does it (defaults lr 1e-3, beta1 0.9, beta2 0.999, epsilon 1e-7).
+
+Step t (1-based):
+    m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)
+    p <- p - lr_t m / (sqrt(v) + epsilon)
+The element-wise update is one fused kernel (kernels.adam_update), in place, on
+the parameter's device; lr_t is computed in Python float64.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import kernels
+
+
+class Adam:
+    """Adam(params, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-7).
+
+    ``lr`` may be changed between steps (schedules). ``t`` counts the steps taken.
+    Parameters whose ``.grad`` is None are skipped (their moments are left alone),
+    but ``t`` advances once per ``step()``, as in Keras.
+    """
+
+    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-7):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("Adam got an empty parameter list")
+        for i, p in enumerate(self.params):
+            if not getattr(p, "requires_grad", False):
+                raise TypeError(f"parameter {i} ({getattr(p, 'name', None)!r}) does not require a gradient")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got beta1={beta1}, beta2={beta2}")
+        if epsilon < 0 or lr < 0:
+            raise ValueError(f"lr and epsilon must be >= 0, got lr={lr}, epsilon={epsilon}")
+        self.lr = float(lr)
+        self.beta1, self.beta2, self.epsilon = float(beta1), float(beta2), float(epsilon)
+        self.t = 0
+        self.m = [None] * len(self.params)  # created on first use, on the parameter's device
+        self.v = [None] * len(self.params)
+
+    def lr_t(self, t: int | None = None) -> float:
+        """The bias-corrected step size at step ``t`` (default: the next step)."""
+        t = self.t + 1 if t is None else int(t)
+        return self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+
+    def step(self) -> None:
+        self.t += 1
+        lr_t = self.lr_t(self.t)
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.shape != p.data.shape or g.dtype != p.dtype:
+                raise ValueError(
+                    f"parameter {i} ({p.name!r}): grad shape/dtype {tuple(g.shape)}/{g.dtype} "
+                    f"!= parameter {p.shape}/{p.dtype}"
+                )
+            if self.m[i] is None:
+                xp = p.xp
+                self.m[i] = xp.zeros(p.data.shape, dtype=p.dtype)
+                self.v[i] = xp.zeros(p.data.shape, dtype=p.dtype)
+            kernels.adam_update(p.data, g, self.m[i], self.v[i], lr_t, self.beta1, self.beta2, self.epsilon)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        """Flat dict (npz-friendly): scalars, and NumPy copies "m.<i>", "v.<i>" for started moments."""
+        out = {"t": int(self.t), "lr": float(self.lr), "beta1": self.beta1, "beta2": self.beta2,
+               "epsilon": self.epsilon, "n_params": len(self.params)}
+        for i, (m, v) in enumerate(zip(self.m, self.v)):
+            if m is not None:
+                out[f"m.{i}"] = _host_copy(m)
+                out[f"v.{i}"] = _host_copy(v)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved; moments go to each parameter's device and dtype."""
+        n = int(state["n_params"])
+        if n != len(self.params):
+            raise ValueError(f"state has {n} parameters, optimizer has {len(self.params)}")
+        self.t = int(state["t"])
+        self.lr = float(state["lr"])
+        self.beta1, self.beta2, self.epsilon = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
+        for i, p in enumerate(self.params):
+            if f"m.{i}" in state:
+                m, v = state[f"m.{i}"], state[f"v.{i}"]
+                if tuple(m.shape) != p.shape or tuple(v.shape) != p.shape:
+                    raise ValueError(f"moment {i} has shape {tuple(m.shape)}, parameter has {p.shape}")
+                self.m[i] = p.xp.asarray(m, dtype=p.dtype).copy()
+                self.v[i] = p.xp.asarray(v, dtype=p.dtype).copy()
+            else:
+                self.m[i] = self.v[i] = None
+
+
+def _host_copy(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a, copy=True)
