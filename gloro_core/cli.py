@@ -1,0 +1,334 @@
+"""Command line: ``python -m gloro_core {train,certify,attack,lipschitz} --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("on", "yes", "true", "1"):
+        return True
+    if t in ("off", "no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _shape(text: str) -> tuple:
+    try:
+        s = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}") from None
+    if len(s) != 3 or min(s) <= 0:
+        raise argparse.ArgumentTypeError(f"expected C,H,W with positive sizes, got {text!r}")
+    return s
+
+
+def _data_args(p, default_dataset=None):
+    p.add_argument("--dataset", default=default_dataset,
+                   help="synthetic, mnist, fashion-mnist, kmnist, cifar10, tiny-imagenet "
+                        "(default for evaluation commands: the checkpoint's)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the dataset files (fashion-mnist defaults to "
+                        "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N points")
+    p.add_argument("--synthetic-shape", type=_shape, default=None,
+                   help="C,H,W of the synthetic dataset (default 1,28,28)")
+
+
+def _common(p):
+    p.add_argument("--backend", default=None,
+                   help="kernel backend (sets GLORO_BACKEND): numpy, numba, reference, cupy, "
+                        "numba_cuda")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m gloro_core",
+                                 description="Globally-Robust Neural Networks: train, certify, "
+                                             "attack, bound Lipschitz constants.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GloRo net",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _data_args(t, "synthetic")
+    _common(t)
+    t.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on the first N test points (default: all)")
+    t.add_argument("--arch", default="2C2F",
+                   help="2C2F, 4C3F, 6C2F, 7C1F, compact 'c(16,4,2),d(100)' or a .json list")
+    t.add_argument("--activation", default="relu", choices=["relu", "minmax"])
+    t.add_argument("--init", default="glorot", choices=["glorot", "orthogonal"])
+    t.add_argument("--eps", type=float, default=0.3, help="eps_test (evaluation radius, l2)")
+    t.add_argument("--train-eps", type=float, default=None, help="eps_train (default: --eps)")
+    t.add_argument("--eps-schedule", default="single", help="single | log | x,y,e")
+    t.add_argument("--loss", default="ce", choices=["ce", "trades"])
+    t.add_argument("--lam", default="1.0", help="TRADES lambda: constant or x,y,e")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-decay", default="fixed", choices=["fixed", "decay_to_lb"])
+    t.add_argument("--lr-lb", type=float, default=1e-6, help="lower bound for decay_to_lb")
+    t.add_argument("--warmup", type=int, default=0, help="epochs of standard training first")
+    t.add_argument("--power-iters", type=int, default=10,
+                   help="power iterations per step (paper: 10 MNIST, 5 CIFAR-10)")
+    t.add_argument("--augment", type=_bool, default=None,
+                   help="on/off (default: on for cifar10 and tiny-imagenet only)")
+    t.add_argument("--out", default="runs/gloro", help="output directory")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.npz exactly where it stopped")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs in total (resume later with --resume)")
+    t.add_argument("--plot", action="store_true", help="write OUT/curves.png")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    c = sub.add_parser("certify", help="clean accuracy, VRA, rejection rate, radii",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("checkpoint", help="checkpoint .npz, or a run directory (uses best.npz)")
+    _data_args(c)
+    _common(c)
+    c.add_argument("--eps", type=float, default=None, help="radius (default: the run's eps)")
+    c.add_argument("--bound", default="provable", choices=["provable", "power"],
+                   help="Lipschitz bound used: provable (FFT/SVD, a proof) or power (estimate)")
+    c.add_argument("--batch", type=int, default=500)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--plot", default=None, metavar="PNG", help="write a VRA-vs-eps curve")
+
+    a = sub.add_parser("attack", help="accuracy under an l2 PGD attack",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("checkpoint")
+    _data_args(a)
+    _common(a)
+    a.add_argument("--eps", type=float, default=None)
+    a.add_argument("--steps", type=int, default=50)
+    a.add_argument("--restarts", type=int, default=1)
+    a.add_argument("--step-size", type=float, default=None, help="default 2.5 eps / steps")
+    a.add_argument("--batch", type=int, default=500)
+    a.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("lipschitz", help="Lipschitz upper and empirical lower bounds",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("checkpoint")
+    _data_args(k)
+    _common(k)
+    k.add_argument("--eps", type=float, default=None, help="ball radius for the local bound")
+    k.add_argument("--pairs", type=int, default=64, help="input pairs optimised (global)")
+    k.add_argument("--points", type=int, default=64, help="points for the local bound")
+    k.add_argument("--steps", type=int, default=100, help="gradient-ascent steps")
+    k.add_argument("--step-lr", type=float, default=0.01, help="Adam step size on inputs")
+    k.add_argument("--json", action="store_true")
+    return ap
+
+
+# ---------------------------------------------------------------- helpers
+
+def _resolve_ckpt(path: str) -> str:
+    if os.path.isdir(path):
+        for name in ("best.npz", "last.npz"):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                return p
+        raise SystemExit(f"error: no best.npz or last.npz in {path}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint not found: {path}")
+    return path
+
+
+def _load_run(args):
+    """-> (net, cfg dict, dataset, eps) for the evaluation commands."""
+    from . import data as data_mod
+    from .train import load_checkpoint
+
+    path = _resolve_ckpt(args.checkpoint)
+    net, extra = load_checkpoint(path)
+    cfg = (extra.get("train_state") or {}).get("config", {})
+    name = args.dataset or cfg.get("dataset")
+    if not name:
+        raise SystemExit("error: --dataset is needed (the checkpoint does not name one)")
+    data_dir = args.data_dir if args.data_dir is not None else (
+        cfg.get("data_dir") if name == cfg.get("dataset") else None)
+    shape = args.synthetic_shape or tuple(cfg.get("synthetic_shape", (1, 28, 28)))
+    ds = data_mod.load_dataset(name, data_dir, seed=cfg.get("seed", args.seed),
+                               synthetic_shape=shape,
+                               synthetic_n=tuple(cfg.get("synthetic_n", (2048, 512))))
+    x, y = ds.x_test, ds.y_test
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    eps = args.eps if args.eps is not None else cfg.get("eps")
+    if eps is None:
+        raise SystemExit("error: --eps is needed (the checkpoint does not record one)")
+    return net, cfg, path, x, y, float(eps)
+
+
+def _np(a):
+    from .train import _np as conv
+    return conv(a)
+
+
+def _print(result: dict, as_json: bool, title: str):
+    if as_json:
+        print(json.dumps(result, indent=None, default=float))
+        return
+    print(title)
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, default=float)
+        print(f"  {k:>24}: {v}")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, TrainingDiverged, train
+
+    cfg = TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
+        activation=args.activation, init=args.init, eps=args.eps, train_eps=args.train_eps,
+        eps_schedule=args.eps_schedule, loss=args.loss, lam=args.lam, epochs=args.epochs,
+        batch=args.batch, lr=args.lr, lr_schedule=args.lr_decay, lr_lb=args.lr_lb,
+        warmup=args.warmup, power_iters=args.power_iters, augment=args.augment,
+        seed=args.seed, out=args.out, limit=args.limit, test_limit=args.test_limit,
+        progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,
+        synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after)
+    print(f"train: {json.dumps(cfg.to_json())}", flush=True)
+    try:
+        train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def certify_arrays(net, x, y, eps, bound="provable", batch=500):
+    """-> dict of results and (correct, radius) arrays. x (N, C, H, W), y (N,)."""
+    from nn.tensor import no_grad
+
+    n = len(x)
+    preds, radii, clean = [], [], []
+    # update the bounds once (a model constant), then time the per-batch certificate
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with no_grad():
+        for s in range(0, n, batch):
+            xb = x[s:s + batch]
+            pred, radius = net.certify(xb, eps, bound=bound)
+            preds.append(_np(pred))
+            radii.append(_np(radius))
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    with no_grad():
+        for s in range(0, n, batch):
+            clean.append(_np(net.logits(x[s:s + batch])).argmax(1))
+    pred = np.concatenate(preds)
+    radius = np.concatenate(radii).astype(np.float64)
+    clean = np.concatenate(clean)
+    num_classes = int(net.num_classes) if hasattr(net, "num_classes") else int(clean.max() + 1)
+    rejected = (pred == num_classes) | (pred < 0)
+    vra = (pred == y) & ~rejected
+    cert_r = radius[~rejected]
+    res = {
+        "n": int(n), "eps": float(eps), "bound": bound,
+        "clean_acc": float((clean == y).mean()), "vra": float(vra.mean()),
+        "rejection_rate": float(rejected.mean()),
+        "certified_rate": float((~rejected).mean()),
+        "radius_mean": float(np.mean(radius)) if n else math.nan,
+        "radius_median": float(np.median(radius)) if n else math.nan,
+        "radius_min": float(np.min(radius)) if n else math.nan,
+        "radius_max": float(np.max(radius)) if n else math.nan,
+        "radius_mean_certified": float(np.mean(cert_r)) if cert_r.size else math.nan,
+        "seconds_total": seconds, "ms_per_instance": 1e3 * seconds / max(n, 1),
+        "peak_mb_per_instance": peak / 2 ** 20 / max(min(batch, n), 1),
+        "peak_mb_batch": peak / 2 ** 20, "batch": int(min(batch, n)),
+    }
+    return res, clean == y, radius
+
+
+def cmd_certify(args) -> int:
+    net, cfg, path, x, y, eps = _load_run(args)
+    res, correct, radius = certify_arrays(net, x, y, eps, args.bound, args.batch)
+    res["checkpoint"] = path
+    if args.plot:
+        from .plots import plot_vra_vs_eps
+
+        res["plot"] = plot_vra_vs_eps(correct, radius, args.plot, eps_mark=eps)
+    _print(res, args.json, f"certify {path}")
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from . import attacks
+
+    net, cfg, path, x, y, eps = _load_run(args)
+    step = args.step_size if args.step_size is not None else 2.5 * eps / args.steps
+    t0 = time.perf_counter()
+    adv_correct = []
+    for s in range(0, len(x), args.batch):
+        xb, yb = x[s:s + args.batch], y[s:s + args.batch]
+        x_adv = attacks.pgd_l2(net, xb, yb, eps=eps, steps=args.steps, step_size=step,
+                               restarts=args.restarts, seed=args.seed)
+        x_adv = _np(x_adv)
+        dist = np.sqrt(((x_adv - xb).reshape(len(xb), -1).astype(np.float64) ** 2).sum(1))
+        if np.any(dist > eps * (1 + 1e-4) + 1e-6):
+            raise RuntimeError(f"attack left the eps-ball: max distance {dist.max()} > {eps}")
+        from nn.tensor import no_grad
+        with no_grad():
+            adv_correct.append(_np(net.logits(x_adv)).argmax(1) == yb)
+    from nn.tensor import no_grad
+    with no_grad():
+        clean = np.concatenate([_np(net.logits(x[s:s + args.batch])).argmax(1)
+                                for s in range(0, len(x), args.batch)])
+    adv = np.concatenate(adv_correct)
+    res = {"checkpoint": path, "n": int(len(x)), "eps": eps, "steps": args.steps,
+           "restarts": args.restarts, "step_size": step,
+           "clean_acc": float((clean == y).mean()), "pgd_acc": float(adv.mean()),
+           "seconds": time.perf_counter() - t0}
+    _print(res, args.json, f"attack {path}")
+    return 0
+
+
+def cmd_lipschitz(args) -> int:
+    from . import lower_bounds
+
+    net, cfg, path, x, y, eps = _load_run(args)
+    res = {"checkpoint": path}
+    res.update(lower_bounds.upper_bounds(net))
+    t0 = time.perf_counter()
+    g = lower_bounds.global_lower_bound(net, x, pairs=args.pairs, steps=args.steps,
+                                        lr=args.step_lr, seed=args.seed)
+    loc = lower_bounds.local_lower_bound(net, x[:args.points], eps, steps=args.steps,
+                                         lr=args.step_lr, seed=args.seed)
+    res.update({"global_lower_bound": g, "local_lower_bound_mean": float(np.mean(loc)),
+                "local_lower_bound_max": float(np.max(loc)), "local_eps": eps,
+                "lower_bound_seconds": time.perf_counter() - t0,
+                "pairs": args.pairs, "points": int(len(loc)), "steps": args.steps})
+    _print(res, args.json, f"lipschitz {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "certify": cmd_certify, "attack": cmd_attack,
+            "lipschitz": cmd_lipschitz}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.backend:
+        os.environ["GLORO_BACKEND"] = args.backend
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Lipschitz tightness: reported upper bounds and empirical lower bounds (paper App. E).
+
+For logits f: R^n -> R^m the GloRo certificate uses, for each class pair (i, j), a bound
+K_ij on the Lipschitz constant of the margin f_i - f_j. Any pair of inputs gives a lower
+bound on the largest of them:
+
+    L(x1, x2) = max_{i,j} |(f_i(x1) - f_j(x1)) - (f_i(x2) - f_j(x2))| / ||x1 - x2||
+              = (max_k d_k - min_k d_k) / ||x1 - x2||,    d = f(x1) - f(x2),
+
+so ``max_{i,j} K_ij >= L(x1, x2)`` for every pair. We maximise L by gradient ascent
+(Adam on the inputs, with the autodiff of ``nn``):
+
+- global lower bound: pairs anywhere in input space, started from test points and small
+  random perturbations of them; the best value over all pairs and steps.
+- local lower bound at x: both points kept inside the l2 ball B(x, eps) (projection after
+  every step); the mean over test points is the "mean local lower bound" of Fig. 3c.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _tensor_logits(net, x):
+    """Logits as a Tensor with a graph back to the input Tensor ``x``."""
+    return net.logits(x)
+
+
+def _ratio(net, x1, x2):
+    """Per-pair L(x1, x2) as a Tensor (B,), plus the raw numbers."""
+    import nn.functions as F
+
+    d = F.sub(_tensor_logits(net, x1), _tensor_logits(net, x2))
+    spread = F.sub(F.max(d, axis=1), F.min(d, axis=1))
+    dist = F.l2_norm(F.sub(x1, x2), axis=(1, 2, 3))
+    return F.div(spread, dist)
+
+
+def _project_ball(z, centre, eps):
+    """Project each z[b] onto the l2 ball of radius eps around centre[b]."""
+    delta = z - centre
+    n = np.sqrt((delta.reshape(len(z), -1).astype(np.float64) ** 2).sum(1))
+    scale = np.where(n > eps, eps / np.maximum(n, 1e-30), 1.0).astype(z.dtype)
+    return centre + delta * scale.reshape(-1, 1, 1, 1)
+
+
+def _ascend(net, x1, x2, steps, lr, project=None):
+    """Adam ascent of L over (x1, x2); returns the best L per pair seen at any step."""
+    from nn.tensor import Tensor
+
+    x1, x2 = x1.astype(np.float32).copy(), x2.astype(np.float32).copy()
+    best = np.full(len(x1), -np.inf)
+    m = [np.zeros_like(x1), np.zeros_like(x2)]
+    v = [np.zeros_like(x1), np.zeros_like(x2)]
+    b1, b2, e = 0.9, 0.999, 1e-8
+    for t in range(1, steps + 2):
+        t1, t2 = Tensor(x1, requires_grad=True), Tensor(x2, requires_grad=True)
+        r = _ratio(net, t1, t2)
+        vals = np.asarray(r.data, np.float64)
+        vals = np.where(np.isfinite(vals), vals, -np.inf)
+        best = np.maximum(best, vals)
+        if t == steps + 1:
+            break
+        r.sum().backward()
+        for k, (z, tz) in enumerate(((x1, t1), (x2, t2))):
+            g = np.asarray(tz.grad, np.float32)
+            g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            step = lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + e)
+            z += step.astype(np.float32)  # ascent
+        if project is not None:
+            x1, x2 = project(x1), project(x2)
+        # keep the pair apart: a zero distance has no defined ratio
+        same = np.sqrt(((x1 - x2).reshape(len(x1), -1) ** 2).sum(1)) < 1e-6
+        if same.any():
+            x2[same] += 1e-3
+    return best
+
+
+def global_lower_bound(net, x: np.ndarray, pairs: int = 64, steps: int = 100,
+                       lr: float = 0.01, seed: int = 0, batch: int = 128) -> float:
+    """max over optimised input pairs of L(x1, x2). x: (N, C, H, W) start points."""
+    if len(x) == 0:
+        raise ValueError("global_lower_bound needs at least one start point")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x10B]))
+    best = -np.inf
+    for s in range(0, pairs, batch):
+        b = min(batch, pairs - s)
+        i1 = rng.integers(0, len(x), b)
+        a = x[i1].astype(np.float32)
+        # half the pairs: two data points; half: a point and a small random displacement
+        i2 = rng.integers(0, len(x), b)
+        near = a + 0.05 * rng.standard_normal(a.shape).astype(np.float32)
+        c = np.where((np.arange(b) % 2 == 0).reshape(-1, 1, 1, 1), x[i2].astype(np.float32),
+                     near)
+        same = np.all((a - c).reshape(b, -1) == 0, axis=1)
+        c[same] += 1e-2
+        best = max(best, float(_ascend(net, a, c, steps, lr).max()))
+    return best
+
+
+def local_lower_bound(net, x: np.ndarray, eps: float, steps: int = 100, lr: float = 0.01,
+                      seed: int = 0, batch: int = 128) -> np.ndarray:
+    """Per point: max of L(x1, x2) over x1, x2 in B(x, eps). x: (N, C, H, W) -> (N,)."""
+    if eps <= 0:
+        raise ValueError(f"local lower bound needs eps > 0, got {eps}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x10C]))
+    out = []
+    for s in range(0, len(x), batch):
+        c = x[s:s + batch].astype(np.float32)
+        u = rng.standard_normal(c.shape).astype(np.float32)
+        u /= np.sqrt((u.reshape(len(c), -1) ** 2).sum(1)).reshape(-1, 1, 1, 1)
+        x1 = c + 0.5 * eps * u
+        x2 = c - 0.5 * eps * u
+
+        def project(z, c=c):
+            return _project_ball(z, c, eps)
+        out.append(_ascend(net, x1, x2, steps, lr * eps, project))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def upper_bounds(net) -> dict:
+    """Per-layer and global upper bounds reported by the model (power and provable)."""
+    lip = net.lipschitz()
+    return {"upper": _jsonable(lip)}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

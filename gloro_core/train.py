@@ -1,0 +1,384 @@
+"""The training loop: Adam on the GloRo (or TRADES) loss, schedules, per-epoch evaluation,
+atomic checkpoints, exact resume, metrics files.
+
+Determinism: epoch ``e`` shuffles (and augments) with generators derived from
+``(seed, e)``, and the checkpoint written at the end of epoch ``e`` holds the model
+(weights and persisted power iterates), the Adam state and the epoch, so a run resumed
+from it continues exactly as the uninterrupted run would have.
+
+Output directory layout::
+
+    last.npz      checkpoint at the end of the latest finished epoch (atomic replace)
+    best.npz      checkpoint of the epoch with the highest VRA so far
+    metrics.jsonl one JSON object per epoch
+    metrics.csv   the same, as CSV
+    curves.png    training curves (``plot=True``)
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+from . import data as data_mod
+from .augment import augment_batch
+from .schedules import Plan
+
+CKPT_LAST = "last.npz"
+CKPT_BEST = "best.npz"
+METRIC_FIELDS = ["epoch", "phase", "loss", "clean_acc", "vra", "rejection",
+                 "k_sub", "lr", "eps", "eps_test", "lam", "samples_per_s", "epoch_s",
+                 "eval_s", "peak_mem_mb"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs; saved in the checkpoint so ``resume`` can check it."""
+
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    arch: str = "2C2F"
+    activation: str = "relu"
+    init: str = "glorot"
+    eps: float = 0.3            # eps_test: certification radius for evaluation
+    train_eps: float | None = None  # eps_train (default: eps)
+    eps_schedule: str = "single"
+    loss: str = "ce"            # "ce" or "trades"
+    lam: str = "1.0"            # TRADES lambda: constant or "x,y,e"
+    epochs: int = 10
+    batch: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "fixed"  # or "decay_to_lb"
+    lr_lb: float = 1e-6
+    warmup: int = 0             # epochs of standard (non-GloRo) training first
+    power_iters: int = 10       # power iterations per training step
+    lipschitz_tol: float = 1e-5
+    lipschitz_max_iter: int = 2000
+    augment: bool | None = None  # None: on for cifar10 / tiny-imagenet only
+    seed: int = 0
+    out: str = "runs/gloro"
+    limit: int | None = None    # train subset size
+    test_limit: int | None = None  # test subset size (default: all of the test set)
+    eval_batch: int = 500
+    progress: bool = True
+    plot: bool = False
+    synthetic_shape: tuple = (1, 28, 28)
+    synthetic_n: tuple = (2048, 512)
+    stop_after: int | None = None  # stop (as if interrupted) after this many epochs
+
+    def __post_init__(self):
+        if self.train_eps is None:
+            self.train_eps = self.eps
+        if self.loss not in ("ce", "trades"):
+            raise ValueError(f"loss must be 'ce' or 'trades', got {self.loss!r}")
+        for name in ("epochs", "batch", "power_iters", "eval_batch"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eps < 0 or self.train_eps < 0:
+            raise ValueError(f"eps must be >= 0, got eps={self.eps}, train_eps={self.train_eps}")
+        self.synthetic_shape = tuple(self.synthetic_shape)
+        self.synthetic_n = tuple(self.synthetic_n)
+
+    def augment_on(self) -> bool:
+        if self.augment is None:
+            return data_mod.canonical_name(self.dataset) in ("cifar10", "tiny-imagenet")
+        return bool(self.augment)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["synthetic_shape"] = list(self.synthetic_shape)
+        d["synthetic_n"] = list(self.synthetic_n)
+        return d
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _np(a) -> np.ndarray:
+    """Tensor / CuPy / NumPy -> NumPy array."""
+    a = getattr(a, "data", a)
+    if hasattr(a, "get") and not isinstance(a, np.ndarray):
+        a = a.get()
+    return np.asarray(a)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
+
+
+def _kappa_sub(net) -> float:
+    try:
+        lip = net.lipschitz()
+    except Exception:  # noqa: BLE001 - metrics must not kill a run
+        return float("nan")
+    if isinstance(lip, dict):
+        for key in ("k_sub", "K_sub", "sub", "kappa_sub"):
+            if key in lip:
+                return float(lip[key])
+    return float("nan")
+
+
+def bottom_index(num_classes: int) -> int:
+    """Index of the ⊥ class in predictions (the extra logit comes last)."""
+    return num_classes
+
+
+def evaluate(net, x: np.ndarray, y: np.ndarray, eps: float, batch: int = 500) -> dict:
+    """Clean accuracy, VRA and rejection rate of ``net`` on (x, y) at radius ``eps``.
+
+    Uses the model's converged Lipschitz constants (call ``update_lipschitz`` first).
+    x: (N, C, H, W) float32; y: (N,) int.
+    """
+    from nn.tensor import no_grad
+
+    n = len(x)
+    correct = certified_correct = rejected = 0
+    num_classes = None
+    with no_grad():
+        for s in range(0, n, batch):
+            xb, yb = x[s:s + batch], y[s:s + batch]
+            logits = _np(net.logits(xb))
+            num_classes = logits.shape[1]
+            clean = logits.argmax(1)
+            pred, _radius = net.certify(xb, eps)
+            pred = _np(pred)
+            bot = (pred == bottom_index(num_classes)) | (pred < 0)
+            correct += int((clean == yb).sum())
+            certified_correct += int(((pred == yb) & ~bot).sum())
+            rejected += int(bot.sum())
+    return {"clean_acc": correct / max(n, 1), "vra": certified_correct / max(n, 1),
+            "rejection": rejected / max(n, 1)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(net, path: str, extra: dict) -> None:
+    """Write ``net`` plus training state ``extra`` to ``path`` (.npz, used as given).
+
+    ``net.save`` writes atomically (temporary file + ``os.replace``): a crash mid-write
+    leaves the previous checkpoint intact.
+    """
+    net.save(path, extra=extra)
+
+
+def load_checkpoint(path: str):
+    """-> (net, extra dict) from a checkpoint written by ``save_checkpoint``."""
+    from . import model as model_mod
+
+    loader = getattr(model_mod, "load", None)
+    if loader is None:
+        import gloro_core
+        loader = gloro_core.load
+    res = loader(path)
+    if isinstance(res, tuple):
+        net, extra = res[0], (res[1] if len(res) > 1 else {})
+    else:
+        net, extra = res, getattr(res, "extra", {})
+    return net, (extra or {})
+
+
+# ---------------------------------------------------------------- metrics files
+
+def _write_metrics(out: str, history: list[dict], append_only: dict | None = None):
+    """Append one row (``append_only``) or rewrite both files from ``history``."""
+    jpath, cpath = os.path.join(out, "metrics.jsonl"), os.path.join(out, "metrics.csv")
+    if append_only is not None and os.path.exists(jpath) and os.path.exists(cpath):
+        with open(jpath, "a") as fh:
+            fh.write(json.dumps(append_only) + "\n")
+        with open(cpath, "a", newline="") as fh:
+            csv.DictWriter(fh, METRIC_FIELDS, extrasaction="ignore").writerow(append_only)
+        return
+    with open(jpath, "w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    with open(cpath, "w", newline="") as fh:
+        w = csv.DictWriter(fh, METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in history:
+            w.writerow(row)
+
+
+def format_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']:>3}/{epochs} [{m['phase']}] loss {m['loss']:.4f} "
+            f"acc {m['clean_acc']:.4f} vra {m['vra']:.4f} rej {m['rejection']:.4f} "
+            f"K_sub {m['k_sub']:.3f} lr {m['lr']:.2e} eps {m['eps']:.4f} lam {m['lam']:.3g} "
+            f"{m['samples_per_s']:.0f} samples/s {m['epoch_s']:.1f}s "
+            f"(eval {m['eval_s']:.1f}s) mem {m['peak_mem_mb']:.0f}MiB")
+
+
+# ---------------------------------------------------------------- the loop
+
+def _make_optimizer(net, lr: float):
+    from nn.optim import Adam
+
+    # Keras defaults, as the paper used (GLORO.md section 3)
+    return Adam(list(net.parameters()), lr=lr, beta1=0.9, beta2=0.999, epsilon=1e-7)
+
+
+def _set_lr(opt, lr: float):
+    opt.lr = lr
+
+
+def _zero_grad(net, opt):
+    if hasattr(opt, "zero_grad"):
+        opt.zero_grad()
+    else:
+        for p in net.parameters():
+            p.grad = None
+
+
+def load_data(cfg: TrainConfig) -> data_mod.Dataset:
+    ds = data_mod.load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
+                               synthetic_shape=cfg.synthetic_shape, synthetic_n=cfg.synthetic_n)
+    if cfg.limit is not None or cfg.test_limit is not None:
+        ds = ds.subset(cfg.limit, cfg.test_limit)
+    return ds
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> list[dict]:
+    """Run (or resume) training as configured; returns the per-epoch metrics history."""
+    from nn.tensor import Tensor  # noqa: F401 - fail early if nn is missing
+
+    from .architectures import build
+
+    os.makedirs(cfg.out, exist_ok=True)
+    ds = dataset if dataset is not None else load_data(cfg)
+    last_path = os.path.join(cfg.out, CKPT_LAST)
+    best_path = os.path.join(cfg.out, CKPT_BEST)
+
+    plan = Plan(epochs=cfg.epochs, warmup=cfg.warmup, eps_train=cfg.train_eps,
+                eps_spec=cfg.eps_schedule, lam_spec=cfg.lam, lr=cfg.lr,
+                lr_spec=cfg.lr_schedule, lr_lb=cfg.lr_lb)
+    history: list[dict] = []
+    start_epoch, best_vra = 0, -1.0
+    if resume and os.path.exists(last_path):
+        net, extra = load_checkpoint(last_path)
+        state = extra.get("train_state")
+        if state is None:
+            raise ValueError(f"{last_path}: no training state in checkpoint; cannot resume")
+        saved = state["config"]
+        for key in ("arch", "dataset", "seed", "batch", "loss", "limit", "activation"):
+            if saved.get(key) != cfg.to_json().get(key):
+                raise ValueError(f"--resume: {key}={cfg.to_json().get(key)!r} differs from the "
+                                 f"checkpoint's {saved.get(key)!r} ({last_path})")
+        start_epoch = int(state["epoch"]) + 1
+        best_vra = float(state.get("best_vra", -1.0))
+        history = list(state.get("history", []))
+        opt = _make_optimizer(net, cfg.lr)
+        opt.load_state_dict(state["optimizer"])
+        _write_metrics(cfg.out, history)
+        log(f"resumed from {last_path} after epoch {start_epoch} of {cfg.epochs}")
+    else:
+        if resume:
+            log(f"--resume: no checkpoint at {last_path}; starting from scratch")
+        net = build(cfg.arch, ds.input_shape, ds.num_classes, activation=cfg.activation,
+                    init=cfg.init, eps=cfg.train_eps, seed=cfg.seed)
+        opt = _make_optimizer(net, cfg.lr)
+        _write_metrics(cfg.out, [])
+
+    n = len(ds.x_train)
+    steps = math.ceil(n / cfg.batch)
+    use_aug = cfg.augment_on()
+    stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(start_epoch, stop_at):
+        t0 = time.perf_counter()
+        shuffle_rng = data_mod.epoch_rng(cfg.seed, epoch, 0)
+        aug_rng = data_mod.epoch_rng(cfg.seed, epoch, 1)
+        loss_sum = 0.0
+        seen = 0
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        vals = plan.at(epoch)
+        for step, idx in enumerate(data_mod.batches(n, cfg.batch, shuffle_rng)):
+            vals = plan.at(epoch + step / steps)
+            xb = ds.x_train[idx]
+            if use_aug:
+                xb = augment_batch(xb, aug_rng)
+            yb = ds.y_train[idx]
+            _set_lr(opt, vals["lr"])
+            _zero_grad(net, opt)
+            if vals["warmup"]:
+                loss = net.standard_loss(xb, yb)
+            else:
+                loss = net.loss(xb, yb, loss=cfg.loss, eps=vals["eps"], lam=vals["lam"],
+                                power_iters=cfg.power_iters)
+            lv = float(_np(loss))
+            if not math.isfinite(lv):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss is {lv} at epoch {epoch + 1}, step {step + 1}/{steps} "
+                    f"(eps {vals['eps']:.4g}, lr {vals['lr']:.3g}); stopped. The last good "
+                    f"checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
+                    "try a lower --lr or a gentler --eps-schedule")
+            loss.backward()
+            opt.step()
+            loss_sum += lv * len(idx)
+            seen += len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
+        bar.close()
+        train_s = time.perf_counter() - t0
+
+        # Converge the power iterates: certification needs the real norm, not an estimate.
+        te = time.perf_counter()
+        net.update_lipschitz(tol=cfg.lipschitz_tol, max_iter=cfg.lipschitz_max_iter)
+        ev = evaluate(net, ds.x_test, ds.y_test, cfg.eps, cfg.eval_batch)
+        eval_s = time.perf_counter() - te
+        end = plan.at(epoch + 1 - 1e-9)
+        m = {"epoch": epoch + 1, "phase": "warmup" if vals["warmup"] else "gloro",
+             "loss": loss_sum / max(seen, 1), **ev,
+             "k_sub": _kappa_sub(net), "lr": vals["lr"], "eps": end["eps"],
+             "eps_test": cfg.eps, "lam": end["lam"], "samples_per_s": seen / max(train_s, 1e-9),
+             "epoch_s": train_s, "eval_s": eval_s, "peak_mem_mb": peak_rss_mb()}
+        history.append(m)
+        improved = m["vra"] > best_vra
+        best_vra = max(best_vra, m["vra"])
+        extra = _train_extra(cfg, opt, epoch, best_vra, history)
+        save_checkpoint(net, last_path, extra)
+        if improved:
+            save_checkpoint(net, best_path, extra)
+        _write_metrics(cfg.out, history, append_only=m)
+        log(format_line(m, cfg.epochs))
+    if cfg.plot and history:
+        from .plots import plot_training
+
+        log(f"wrote {plot_training(history, os.path.join(cfg.out, 'curves.png'))}")
+    return history
+
+
+def _train_extra(cfg, opt, epoch, best_vra, history) -> dict:
+    # Shuffling/augmentation rngs are derived from (seed, epoch): no generator state to keep.
+    return {"train_state": {"epoch": epoch, "best_vra": best_vra, "config": cfg.to_json(),
+                            "history": history, "optimizer": opt.state_dict(),
+                            "rng": {"kind": "derived(seed, epoch)", "seed": cfg.seed,
+                                    "next_epoch": epoch + 1}}}
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="step", dynamic_ncols=True)
