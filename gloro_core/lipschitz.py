@@ -1,0 +1,135 @@
+"""Per-layer linear operators and the power method that estimates their l2 norms.
+
+A :class:`LinearOp` describes one dense or conv layer at its real input size (stride
+and padding included) and applies the operator A (no bias) and its adjoint A^T with
+the raw kernels: no autodiff, so nothing here ever enters a gradient. The model keeps
+one iterate per layer, shaped like the layer input with batch 1, and updates it in
+place across training steps.
+
+Power step (two half-steps, each normalised, so the magnitudes handled are ~sigma and
+never sigma**2: tiny weights neither underflow nor get biased by an epsilon):
+    u = A v / ||A v||,   v <- A^T u / ||A^T u||,   sigma = ||A v||.
+A norm is divided by only when it is not exactly zero; when it is zero the operator
+annihilates the iterate, the estimate is 0 and the previous (unit) iterate is kept so
+that it can recover once the weights change.
+
+The estimate approaches ||A|| from below: it is *not* a bound. Certification uses the
+provable bounds of gloro_core.bounds unless told otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+from kernels.checks import check_stride, conv_out_hw, resolve_padding
+
+from . import bounds
+
+
+@dataclass
+class LinearOp:
+    """One linear layer as an operator on a single example.
+
+    kind: "conv" or "dense"; in_shape: (C, H, W) or (n_in,); out_shape likewise;
+    w_shape: (O, C, kh, kw) or (out, in); stride: (sh, sw); padding: as given to kernels.
+    """
+
+    kind: str
+    in_shape: tuple
+    out_shape: tuple
+    w_shape: tuple
+    stride: tuple = (1, 1)
+    padding: object = "same"
+
+    @classmethod
+    def conv(cls, in_shape, filters, kernel, stride=1, padding="same"):
+        c, h, w = (int(v) for v in in_shape)
+        kh, kw = (kernel, kernel) if np.isscalar(kernel) else (int(kernel[0]), int(kernel[1]))
+        s = check_stride(stride)
+        pads = resolve_padding(padding, (h, w), (kh, kw), s)
+        oh, ow = conv_out_hw((h, w), (kh, kw), s, pads)
+        return cls("conv", (c, h, w), (int(filters), oh, ow), (int(filters), c, kh, kw), s, padding)
+
+    @classmethod
+    def dense(cls, n_in, units):
+        return cls("dense", (int(n_in),), (int(units),), (int(units), int(n_in)))
+
+    @property
+    def iterate_shape(self) -> tuple:
+        """Shape of the power iterate: the layer input with batch 1."""
+        return (1,) + tuple(self.in_shape)
+
+    def apply(self, w, v):
+        """A v (no bias): v (N, *in_shape) -> (N, *out_shape)."""
+        if self.kind == "conv":
+            return kernels.conv2d(v, w, None, self.stride, self.padding)
+        return kernels.dense(v, w, None)
+
+    def adjoint(self, w, u):
+        """A^T u: u (N, *out_shape) -> (N, *in_shape)."""
+        if self.kind == "conv":
+            return kernels.conv2d_adjoint(u, w, (u.shape[0],) + tuple(self.in_shape), self.stride, self.padding)
+        return kernels.dense_adjoint(u, w)
+
+    def provable(self, w):
+        """(provable upper bound of ||A||_2 in float64, method name)."""
+        if self.kind == "conv":
+            return bounds.conv_provable_bound(w, self.in_shape[1:], self.stride, self.padding)
+        return bounds.dense_norm(w), "svd"
+
+
+def _norm(a) -> float:
+    """l2 norm accumulated in float64 (a float32 sum of squares could overflow/underflow)."""
+    a64 = a.astype(np.float64, copy=False)
+    return float(np.sqrt(np.vdot(a64.ravel(), a64.ravel()).real))
+
+
+def init_iterate(op: LinearOp, rng, dtype=np.float32):
+    """A random unit iterate of shape op.iterate_shape."""
+    v = rng.standard_normal(op.iterate_shape)
+    v /= np.linalg.norm(v)
+    return v.astype(dtype)
+
+
+def power_steps(op: LinearOp, w, v, iters: int):
+    """Run ``iters`` power steps from ``v``; returns (new iterate, sigma = ||A v_new||).
+
+    w: the layer weight (raw array); v: (1, *in_shape), same dtype as w. ``v`` is not
+    modified. iters = 0 only evaluates sigma at v.
+    """
+    if iters < 0:
+        raise ValueError(f"power iterations must be >= 0, got {iters}")
+    for _ in range(int(iters)):
+        u = op.apply(w, v)
+        nu = _norm(u)
+        if nu == 0.0:  # A v = 0: the estimate is 0, keep v (see module docstring)
+            return v, 0.0
+        u = u / u.dtype.type(nu)
+        z = op.adjoint(w, u)
+        nz = _norm(z)
+        if nz == 0.0:
+            return v, 0.0
+        v = z / z.dtype.type(nz)
+    return v, _norm(op.apply(w, v))
+
+
+def converge(op: LinearOp, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=None):
+    """Power method until the relative change of sigma is below ``tol`` (or ``max_iter``).
+
+    Runs in float64 (``dtype`` overrides) from ``v``. Returns (iterate in v's dtype,
+    sigma, iterations used, converged flag). sigma is still an estimate from below.
+    """
+    if not (tol > 0):
+        raise ValueError(f"tol must be > 0, got {tol}")
+    dt = np.float64 if dtype is None else dtype
+    w_ = np.asarray(w, dtype=dt)
+    x = np.asarray(v, dtype=dt)
+    x, sigma = power_steps(op, w_, x, 0)
+    for it in range(1, int(max_iter) + 1):
+        x, new = power_steps(op, w_, x, 1)
+        if abs(new - sigma) <= tol * max(abs(new), np.finfo(np.float64).tiny):
+            return x.astype(v.dtype), new, it, True
+        sigma = new
+    return x.astype(v.dtype), sigma, int(max_iter), False

@@ -1,0 +1,134 @@
+"""The ⊥ logit and the GloRo training losses, differentiable with nn autodiff.
+
+Shapes: logits y (n, m); last-layer weight W (m, d); GloRo logits (n, m+1), ⊥ last.
+The predicted class j = argmax_i y_i *by index* (the first maximum), never the label.
+
+Margin variant (App. A.2):  y_⊥ = max_{i≠j} y_i + eps * K_sub * ||w_j - w_i||
+Basic variant  (Sec. 2.2):  y_⊥ = max_{i≠j} y_i + eps * (K_i + K_j),  K_i = K_sub ||w_i||
+
+The j entry is excluded by index (an -inf mask on position j), so two tied top logits
+give y_⊥ >= y_j, never a false "certified". ||w_j - w_j|| = 0 is never differentiated:
+the j row of the difference is replaced by a constant before the norm.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nn import functions as F
+from nn.tensor import Tensor
+
+VARIANTS = ("margin", "basic")
+
+# |J| * m * d above which the pairwise norms come from the Gram matrix instead of explicit
+# differences (memory); the explicit form is the more accurate one.
+_EXPLICIT_DIFF_MAX = 1 << 25
+
+
+def predicted_class(y) -> np.ndarray:
+    """argmax by index (first maximum) of raw logits (n, m) -> (n,) int64."""
+    data = y.data if isinstance(y, Tensor) else y
+    return np.asarray(data).argmax(axis=1)
+
+
+def pair_norms(w: Tensor, j: np.ndarray) -> Tensor:
+    """||w_{j_n} - w_i|| for every example n and class i: (n, m); the (n, j_n) entry is 1.
+
+    w (m, d) Tensor; j (n,) int. The j entry is a placeholder (masked out by the caller),
+    set before the norm so no gradient is ever taken of a zero norm.
+    """
+    m, d = w.shape
+    uj, inv = np.unique(j, return_inverse=True)
+    eye = np.zeros((len(uj), m), dtype=bool)
+    eye[np.arange(len(uj)), uj] = True
+    if len(uj) * m * d <= _EXPLICIT_DIFF_MAX:
+        diff = F.reshape(w[uj], (len(uj), 1, d)) - F.reshape(w, (1, m, d))     # (|J|, m, d)
+        diff = F.where(eye[:, :, None], np.ones((), dtype=w.dtype), diff)
+        norms = F.l2_norm(diff, axis=2)                                        # (|J|, m)
+    else:
+        g = F.matmul(w, F.transpose(w))                                        # (m, m)
+        diag = np.eye(m, dtype=bool)
+        gd = F.sum(F.where(diag, g, np.zeros((), dtype=w.dtype)), axis=1)       # (m,) ||w_i||^2
+        sq = F.reshape(gd[uj], (len(uj), 1)) + F.reshape(gd, (1, m)) - 2.0 * g[uj]
+        ok = (sq.data > 0) & ~eye
+        sq = F.where(ok, sq, np.ones((), dtype=w.dtype))
+        norms = F.where(ok, F.sqrt(sq), np.zeros((), dtype=w.dtype))
+        norms = F.where(eye, np.ones((), dtype=w.dtype), norms)
+    return norms[inv]
+
+
+def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "margin") -> Tensor:
+    """y_⊥ (n,) from logits y (n, m), last weight (m, d), K_sub (scalar Tensor or float)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    n, m = y.shape
+    j = predicted_class(y)
+    is_j = np.zeros((n, m), dtype=bool)
+    is_j[np.arange(n), j] = True
+    if variant == "margin":
+        kij = pair_norms(w_last, j) * k_sub                                   # (n, m)
+    else:
+        ki = F.l2_norm(w_last, axis=1) * k_sub                                 # (m,)
+        kj = F.reshape(ki[j], (n, 1))
+        kij = F.reshape(ki, (1, m)) + kj
+    cand = y + kij * eps
+    cand = F.where(is_j, np.array(-np.inf, dtype=y.dtype), cand)
+    return F.max(cand, axis=1)
+
+
+def gloro_logits(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "margin") -> Tensor:
+    """(n, m+1): the logits of f and y_⊥ last."""
+    yb = bot_logit(y, w_last, k_sub, eps, variant)
+    return F.concatenate([y, F.reshape(yb, (y.shape[0], 1))], axis=1)
+
+
+def _labels(labels, n, m):
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or lab.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an int array of shape ({n},), got dtype {lab.dtype} shape {lab.shape}")
+    if n and (lab.min() < 0 or lab.max() >= m):
+        raise ValueError(f"labels must lie in [0, {m}), got range [{lab.min()}, {lab.max()}]")
+    return lab.astype(np.int64)
+
+
+def cross_entropy(logits: Tensor, labels) -> Tensor:
+    """Mean softmax cross-entropy; labels (n,) int index into the logits' columns."""
+    n, m = logits.shape
+    lab = _labels(labels, n, m)
+    return -F.mean(F.gather(F.log_softmax(logits, axis=1), lab))
+
+
+def gloro_ce(gl: Tensor, labels) -> Tensor:
+    """CE on the m+1 GloRo logits with the one-hot label plus 0 for ⊥ (⊥ never correct)."""
+    n, m1 = gl.shape
+    _labels(labels, n, m1 - 1)
+    return cross_entropy(gl, labels)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over n of -sum_i target_i log softmax(logits)_i; target (n, k) with k <= m cols."""
+    k = target.shape[1]
+    lq = F.log_softmax(logits, axis=1)[:, :k]
+    return -F.mean(F.sum(target * lq, axis=1))
+
+
+def trades(y: Tensor, gl: Tensor, labels, lam: float, form: str = "kl") -> Tensor:
+    """TRADES (Def. 3): CE(f(x), y) + lam * L(f̄(x), softmax(f(x)) with 0 for ⊥).
+
+    form "kl": KL(p || q) = sum_i p_i (log p_i - log q_i), p = softmax(y) over the m
+    classes (p_⊥ = 0 contributes nothing), q = softmax(gl); "ce": -sum_i p_i log q_i.
+    The gradient flows through both p and q.
+    """
+    if form not in ("kl", "ce"):
+        raise ValueError(f"trades_form must be 'kl' or 'ce', got {form!r}")
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    n, m = y.shape
+    clean = cross_entropy(y, labels)
+    lp = F.log_softmax(y, axis=1)
+    p = F.exp(lp)
+    lq = F.log_softmax(gl, axis=1)[:, :m]
+    if form == "kl":
+        rob = F.mean(F.sum(p * (lp - lq), axis=1))
+    else:
+        rob = -F.mean(F.sum(p * lq, axis=1))
+    return clean + rob * float(lam)

@@ -1,0 +1,552 @@
+"""The GloRo net: a conv/dense network f, its Lipschitz bounds and the ⊥ logit.
+
+``GloroNet(input_shape, num_classes, layers, activation, init, eps, variant, seed, dtype)``
+
+* ``layers``: the checkpoint's layer-spec list, final dense included, e.g.
+  ``[{"type": "conv", "filters": 16, "kernel": 4, "stride": 2, "padding": "same"},
+  {"type": "dense", "units": 100}, {"type": "dense", "units": 10}]``. The activation
+  (ReLU or MinMax) follows every layer but the last; a flatten (C, H, W order) sits
+  before the first dense layer.
+* Training (nn autodiff): :meth:`loss`, :meth:`standard_loss`, :meth:`gradients`; the
+  training K_sub is the product of power-method estimates sigma_i = ||A_i v_i|| with the
+  stored iterates v_i held constant (a few power steps update them first, no gradient).
+* Evaluation (NumPy, no graph): :meth:`logits`, :meth:`gloro_logits`, :meth:`certify`
+  use a *frozen* K computed by :meth:`update_lipschitz` (power method to convergence plus
+  provable float64 bounds, cached on a hash of the weights). Certification uses the
+  provable bound unless ``bound="power"`` is asked for (then it is not a proof).
+
+What a certificate means (see :meth:`gloro_logits`): the network evaluated in exact real
+arithmetic with the stored weights, f, satisfies argmax f(x') = j for every
+||x' - x||_2 <= eps. The float32 forward pass differs from f by at most a rounding
+error that we bound per logit (:meth:`_forward_with_error`) and subtract from the margin.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+import kernels
+from nn import functions as F
+from nn import init as nn_init
+from nn.tensor import Parameter, Tensor, no_grad
+
+from . import checkpoint, losses
+from .lipschitz import LinearOp, converge, init_iterate, power_steps
+
+ACTIVATIONS = ("relu", "minmax")
+INITS = {"glorot_uniform": "glorot_uniform", "glorot": "glorot_uniform", "orthogonal": "orthogonal"}
+DEFAULT_POWER_ITERS = 5
+DEFAULT_MAX_ITER = 2000
+
+
+def _check_eps(eps) -> float:
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {eps!r}") from None
+    if not math.isfinite(e) or e < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return e
+
+
+def _normalise_specs(layers, input_shape, num_classes, activation):
+    """Validated copies of the layer specs and their LinearOps."""
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"layers must be a non-empty list of layer dicts, got {layers!r}")
+    specs, ops = [], []
+    shape = tuple(input_shape)
+    seen_dense = False
+    for i, d in enumerate(layers):
+        if not isinstance(d, dict) or "type" not in d:
+            raise ValueError(f"layer {i}: expected a dict with a 'type', got {d!r}")
+        t = d["type"]
+        if t == "conv":
+            unknown = set(d) - {"type", "filters", "kernel", "stride", "padding"}
+            if unknown:
+                raise ValueError(f"layer {i}: unknown conv keys {sorted(unknown)}")
+            if seen_dense:
+                raise ValueError(f"layer {i}: a conv layer cannot follow a dense layer")
+            if len(shape) != 3:
+                raise ValueError(f"layer {i}: conv needs a (C, H, W) input, got input_shape {tuple(input_shape)}")
+            try:
+                filters, kernel = int(d["filters"]), int(d["kernel"])
+            except KeyError as exc:
+                raise ValueError(f"layer {i}: conv spec needs {exc.args[0]!r}: {d!r}") from None
+            stride = int(d.get("stride", 1))
+            padding = d.get("padding", "same")
+            if isinstance(padding, str):
+                padding = padding.lower()
+                if padding not in ("same", "valid"):
+                    raise ValueError(f"layer {i}: padding must be 'same', 'valid' or an int, got {padding!r}")
+            else:
+                padding = int(padding)
+            if filters < 1 or kernel < 1 or stride < 1:
+                raise ValueError(f"layer {i}: filters, kernel and stride must be >= 1, got {d!r}")
+            op = LinearOp.conv(shape, filters, kernel, stride, padding)
+            spec = {"type": "conv", "filters": filters, "kernel": kernel, "stride": stride, "padding": padding}
+        elif t == "dense":
+            unknown = set(d) - {"type", "units"}
+            if unknown:
+                raise ValueError(f"layer {i}: unknown dense keys {sorted(unknown)}")
+            if "units" not in d:
+                raise ValueError(f"layer {i}: dense spec needs 'units': {d!r}")
+            units = int(d["units"])
+            if units < 1:
+                raise ValueError(f"layer {i}: units must be >= 1, got {units}")
+            seen_dense = True
+            op = LinearOp.dense(int(np.prod(shape)), units)
+            spec = {"type": "dense", "units": units}
+        else:
+            raise ValueError(f"layer {i}: unknown layer type {t!r} (expected 'conv' or 'dense')")
+        last = i == len(layers) - 1
+        width = op.out_shape[0]
+        if activation == "minmax" and not last and width % 2:
+            raise ValueError(f"layer {i}: MinMax needs an even width, got {width} ({spec})")
+        specs.append(spec)
+        ops.append(op)
+        shape = op.out_shape
+    if specs[-1]["type"] != "dense":
+        raise ValueError(f"the last layer must be dense with units = num_classes, got {specs[-1]}")
+    if specs[-1]["units"] != num_classes:
+        raise ValueError(f"the last dense layer has {specs[-1]['units']} units but num_classes = {num_classes}")
+    return specs, ops
+
+
+class GloroNet:
+    """A GloRo net (see the module docstring)."""
+
+    def __init__(self, input_shape, num_classes, layers, activation="relu", init="glorot_uniform",
+                 eps=0.3, variant="margin", seed=0, dtype=np.float32, power_iters=DEFAULT_POWER_ITERS,
+                 lam=1.0, _init_params=True):
+        try:
+            self.input_shape = tuple(int(v) for v in input_shape)
+        except TypeError:
+            raise TypeError(f"input_shape must be a tuple (C, H, W), got {input_shape!r}") from None
+        if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) (or (features,)) of positive ints, got {input_shape!r}")
+        self.num_classes = int(num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+        if variant not in losses.VARIANTS:
+            raise ValueError(f"variant must be one of {losses.VARIANTS}, got {variant!r}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.activation, self.init, self.variant, self.seed = activation, INITS[init], variant, int(seed)
+        self.eps = _check_eps(eps)
+        self.power_iters = int(power_iters)
+        self.lam = float(lam)
+        self.layers, self.ops = _normalise_specs(layers, self.input_shape, self.num_classes, activation)
+        self.extra = {}
+        rng = np.random.default_rng(self.seed)
+        self.params = []  # [(W, b)] as nn Parameters
+        ini = nn_init.get(self.init)
+        for i, op in enumerate(self.ops):
+            w = ini(op.w_shape, rng, dtype=self.dtype) if _init_params else np.zeros(op.w_shape, self.dtype)
+            b = np.zeros((op.w_shape[0],), dtype=self.dtype)
+            self.params.append((Parameter(w, name=f"param.{i}.weight"), Parameter(b, name=f"param.{i}.bias")))
+        self.iterates = [init_iterate(op, rng, self.dtype) for op in self.ops]
+        self._frozen = None      # dict of frozen Lipschitz numbers (see update_lipschitz)
+        self._provable_cache = {}  # layer index -> (weight digest, bound, method)
+
+    # ------------------------------------------------------------------ parameters
+    def named_parameters(self):
+        """[(name, Parameter)] in order: param.0.weight, param.0.bias, param.1.weight, ..."""
+        out = []
+        for w, b in self.params:
+            out += [(w.name, w), (b.name, b)]
+        return out
+
+    def parameters(self):
+        """The Parameters, for the optimizer (same order as named_parameters)."""
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ops)
+
+    def _weight_digest(self, i) -> str:
+        w = np.ascontiguousarray(self.params[i][0].data)
+        return hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest() + str(w.dtype) + str(w.shape)
+
+    def weights_version(self) -> str:
+        """A hash of every weight (biases do not enter K): the frozen-K cache key."""
+        h = hashlib.blake2b(digest_size=16)
+        for w, _ in self.params:
+            h.update(np.ascontiguousarray(w.data).tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_x(self, x, name="x"):
+        """x as the model dtype, shape (n, *input_shape); plus the float64 original."""
+        if isinstance(x, Tensor):
+            x = x.data
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or inf")
+        return np.ascontiguousarray(x, dtype=self.dtype), x
+
+    def _check_labels(self, y, n):
+        y = np.asarray(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise ValueError(f"labels must be ints of shape ({n},), got dtype {y.dtype} shape {y.shape}")
+        if n and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{y.min()}, {y.max()}]")
+        return y.astype(np.int64)
+
+    # ------------------------------------------------------------------ forward (autodiff)
+    def _act(self, h):
+        return F.relu(h) if self.activation == "relu" else F.minmax(h)
+
+    def forward(self, x) -> Tensor:
+        """f(x) as an nn Tensor (n, m). x: Tensor or array of shape (n, *input_shape)."""
+        h = x if isinstance(x, Tensor) else Tensor(self._check_x(x)[0])
+        last = self.num_layers - 1
+        for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
+            if op.kind == "conv":
+                h = F.conv2d(h, w, b, op.stride, op.padding)
+            else:
+                if h.ndim != 2:
+                    h = F.flatten(h)
+                h = F.dense(h, w, b)
+            if i < last:
+                h = self._act(h)
+        return h
+
+    def logits(self, x) -> np.ndarray:
+        """f(x): (n, m) array of the model dtype."""
+        with no_grad():
+            return self.forward(x).data
+
+    # ------------------------------------------------------------------ training K
+    def power_update(self, iters: int):
+        """Run ``iters`` power steps on every stored iterate (no gradient)."""
+        for i, op in enumerate(self.ops):
+            self.iterates[i], _ = power_steps(op, self.params[i][0].data, self.iterates[i], iters)
+
+    def layer_sigmas(self):
+        """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only."""
+        out = []
+        for i, op in enumerate(self.ops):
+            v = Tensor(self.iterates[i])
+            w = self.params[i][0]
+            av = F.conv2d(v, w, None, op.stride, op.padding) if op.kind == "conv" else F.dense(v, w, None)
+            out.append(F.l2_norm(av))
+        return out
+
+    def k_sub_tensor(self) -> Tensor:
+        """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor)."""
+        sig = self.layer_sigmas()[:-1]
+        k = Tensor(np.ones((), dtype=self.dtype))
+        for s in sig:
+            k = k * s
+        return k
+
+    def gloro_logits_tensor(self, x, eps=None) -> Tensor:
+        """Differentiable (n, m+1) GloRo logits with the training K (no power steps)."""
+        eps = self.eps if eps is None else _check_eps(eps)
+        y = self.forward(x)
+        return losses.gloro_logits(y, self.params[-1][0], self.k_sub_tensor(), eps, self.variant)
+
+    def loss(self, x, y, loss="ce", eps=None, lam=None, power_iters=None, trades_form="kl") -> Tensor:
+        """Scalar training loss (nn Tensor). Runs ``power_iters`` power steps first.
+
+        loss "ce": CE on the m+1 GloRo logits; "trades": CE(f(x), y) + lam * L(f̄(x), softmax f(x))
+        with L = KL (trades_form="kl") or CE ("ce").
+        """
+        if loss not in ("ce", "trades"):
+            raise ValueError(f"loss must be 'ce' or 'trades', got {loss!r}")
+        eps = self.eps if eps is None else _check_eps(eps)
+        iters = self.power_iters if power_iters is None else int(power_iters)
+        xd, _ = self._check_x(x)
+        lab = self._check_labels(y, xd.shape[0])
+        if iters:
+            self.power_update(iters)
+        f = self.forward(Tensor(xd))
+        gl = losses.gloro_logits(f, self.params[-1][0], self.k_sub_tensor(), eps, self.variant)
+        if loss == "ce":
+            return losses.gloro_ce(gl, lab)
+        lam = self.lam if lam is None else float(lam)
+        return losses.trades(f, gl, lab, lam, trades_form)
+
+    def standard_loss(self, x, y) -> Tensor:
+        """Plain CE on f (no ⊥, no power method): warm-up and the overhead baseline."""
+        xd, _ = self._check_x(x)
+        lab = self._check_labels(y, xd.shape[0])
+        return losses.cross_entropy(self.forward(Tensor(xd)), lab)
+
+    def gradients(self, x, y, loss="ce", eps=None, lam=None, power_iters=0, trades_form="kl"):
+        """(loss value, {"param.{i}.weight": grad, ...}); power_iters=0 keeps the iterates."""
+        self.zero_grad()
+        if loss == "standard":
+            val = self.standard_loss(x, y)
+        else:
+            val = self.loss(x, y, loss, eps, lam, power_iters, trades_form)
+        val.backward()
+        grads = {}
+        for name, p in self.named_parameters():
+            grads[name] = p.grad.copy() if p.grad is not None else np.zeros_like(p.data)
+        self.zero_grad()
+        return float(val.item()), grads
+
+    # ------------------------------------------------------------------ frozen K
+    def update_lipschitz(self, tol=1e-5, max_iter=DEFAULT_MAX_ITER, provable=True):
+        """Converge every iterate (float64 power method), freeze K and compute provable bounds.
+
+        Provable bounds are cached per layer on a hash of its weight. Returns lipschitz().
+        """
+        power, iters, conv = [], [], []
+        for i, op in enumerate(self.ops):
+            v, s, it, ok = converge(op, self.params[i][0].data, self.iterates[i], tol, max_iter)
+            self.iterates[i] = np.ascontiguousarray(v, dtype=self.dtype)
+            power.append(s)
+            iters.append(it)
+            conv.append(ok)
+        prov, methods = [], []
+        for i, op in enumerate(self.ops):
+            if not provable:
+                prov.append(float("nan"))
+                methods.append("none")
+                continue
+            dig = self._weight_digest(i)
+            hit = self._provable_cache.get(i)
+            if hit is None or hit[0] != dig:
+                bound, method = op.provable(self.params[i][0].data)
+                hit = (dig, bound, method)
+                self._provable_cache[i] = hit
+            prov.append(hit[1])
+            methods.append(hit[2])
+        self._frozen = {
+            "version": self.weights_version(),
+            "power": power,
+            "provable": prov,
+            "methods": methods,
+            "power_iters": iters,
+            "converged": conv,
+            "tol": float(tol),
+            "k_sub_power": float(np.prod(power[:-1])) if len(power) > 1 else 1.0,
+            "k_sub_provable": float(np.prod(prov[:-1])) if len(prov) > 1 else 1.0,
+        }
+        return self.lipschitz()
+
+    def _fresh_frozen(self):
+        """The frozen numbers, recomputed when the weights changed since they were frozen."""
+        if self._frozen is None or self._frozen["version"] != self.weights_version() or \
+                any(m == "none" for m in self._frozen["methods"]):
+            self.update_lipschitz(tol=self._frozen["tol"] if self._frozen else 1e-5)
+        return self._frozen
+
+    def lipschitz(self, bound="provable") -> dict:
+        """Frozen Lipschitz numbers: k_sub (the one certification uses), bound, per layer."""
+        if bound not in ("provable", "power"):
+            raise ValueError(f"bound must be 'provable' or 'power', got {bound!r}")
+        fr = self._fresh_frozen()
+        layers = []
+        for i in range(self.num_layers):
+            p, q = fr["power"][i], fr["provable"][i]
+            layers.append({"kind": self.ops[i].kind, "power": p, "provable": q, "method": fr["methods"][i],
+                           "ratio": (p / q) if q > 0 else float("nan"),
+                           "power_iters": fr["power_iters"][i], "converged": fr["converged"][i]})
+        return {"k_sub": fr["k_sub_provable"] if bound == "provable" else fr["k_sub_power"],
+                "bound": bound, "layers": layers,
+                "k_sub_power": fr["k_sub_power"], "k_sub_provable": fr["k_sub_provable"],
+                "version": fr["version"]}
+
+    # ------------------------------------------------------------------ certification
+    def _forward_with_error(self, x):
+        """Logits in the model dtype plus a per-logit bound on their rounding error.
+
+        x (n, *input_shape) -> (y (n, m) model dtype, err (n, m) float64) such that the
+        exact-arithmetic network satisfies |f(x)_i - y_i| <= err_i.
+
+        Per linear layer with computed input h (exact values of the model dtype) and
+        input error e: the computed output ŷ = fl(W h + b) obeys the standard dot-product
+        bound |ŷ - (W h + b)| <= gamma_{k+1} (|W| |h| + |b|), gamma_k = k u / (1 - k u),
+        u the unit roundoff, k the fan-in (any summation order, FMA or not), and the
+        exact output differs by |W| e more. So e_out = |W| (e + gamma |h|) + gamma |b|,
+        evaluated in float64 and inflated by 1e-6 relative for float64's own rounding.
+        ReLU and MinMax are exact and 1-Lipschitz per coordinate (MinMax per pair:
+        both outputs get the pair's larger error). A float64 input cast to float32 adds
+        |x - fl32(x)| at the input.
+        """
+        xd, xorig = self._check_x(x)
+        u = float(np.finfo(self.dtype).eps) / 2.0
+        e = np.abs(xorig.astype(np.float64) - xd.astype(np.float64))
+        h = xd
+        last = self.num_layers - 1
+        for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
+            wd, bd = w.data, b.data
+            fan = int(np.prod(op.w_shape[1:])) + 1
+            gamma = fan * u / (1.0 - fan * u)
+            aw = np.abs(wd.astype(np.float64))
+            src = e + gamma * np.abs(h.astype(np.float64))
+            if op.kind == "conv":
+                h = kernels.conv2d(h, wd, bd, op.stride, op.padding)
+                e = kernels.conv2d(src, aw, None, op.stride, op.padding)
+                e += (gamma * np.abs(bd.astype(np.float64)))[None, :, None, None]
+            else:
+                if h.ndim != 2:
+                    h = h.reshape(h.shape[0], -1)
+                    src = src.reshape(src.shape[0], -1)
+                h = kernels.dense(h, wd, bd)
+                e = kernels.dense(src, aw, None) + gamma * np.abs(bd.astype(np.float64))[None, :]
+            e *= 1.0 + 1e-6
+            if i < last:
+                if self.activation == "relu":
+                    h = np.maximum(h, h.dtype.type(0))
+                else:
+                    h = kernels.minmax(h)
+                    n2 = e.shape[1] // 2
+                    ep = e.reshape((e.shape[0], n2, 2) + e.shape[2:]).max(axis=2, keepdims=True)
+                    e = np.repeat(ep, 2, axis=2).reshape(e.shape)
+        return h, e
+
+    def _pair_k(self, k_sub):
+        """(m, m) float64: K[j, i] bounding the Lipschitz constant of f_j - f_i (diag unused)."""
+        w = self.params[-1][0].data.astype(np.float64)
+        m = w.shape[0]
+        if self.variant == "margin":
+            kk = np.empty((m, m), dtype=np.float64)
+            for j in range(m):
+                kk[j] = np.sqrt(((w[j][None, :] - w) ** 2).sum(axis=1))
+            kk *= k_sub
+        else:
+            ki = k_sub * np.sqrt((w ** 2).sum(axis=1))
+            kk = ki[:, None] + ki[None, :]
+        return kk * (1.0 + 1e-9)  # float64 rounding of the norms and products
+
+    def _certify_core(self, x, eps, bound):
+        eps = self.eps if eps is None else _check_eps(eps)
+        if bound not in ("provable", "power"):
+            raise ValueError(f"bound must be 'provable' or 'power', got {bound!r}")
+        fr = self._fresh_frozen()
+        k_sub = fr["k_sub_provable"] if bound == "provable" else fr["k_sub_power"]
+        y, err = self._forward_with_error(x)
+        y64 = y.astype(np.float64)
+        n, m = y64.shape
+        j = y64.argmax(axis=1)                     # first maximum: by index
+        rows = np.arange(n)
+        yj, ej = y64[rows, j], err[rows, j]
+        kj = self._pair_k(k_sub)[j]                # (n, m)
+        # float64 evaluation of y_i + e_i + e_j + eps K_ij: cover its rounding too
+        slack = err + ej[:, None]
+        cand = y64 + slack + eps * kj
+        cand += 4 * np.finfo(np.float64).eps * (np.abs(y64) + np.abs(yj)[:, None] + slack + eps * kj)
+        cand[rows, j] = -np.inf
+        ybot = cand.max(axis=1)
+        certified = yj > ybot                       # strict: ties are never certified
+        margin = yj[:, None] - y64 - slack - 4 * np.finfo(np.float64).eps * (
+            np.abs(y64) + np.abs(yj)[:, None] + slack)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(kj > 0, margin / kj, np.where(margin > 0, np.inf, 0.0))
+        r[rows, j] = np.inf
+        radius = np.maximum(r.min(axis=1), 0.0)
+        return y64, ybot, j, certified, radius, eps
+
+    def gloro_logits(self, x, eps=None, bound="provable") -> np.ndarray:
+        """(n, m+1) float64: f(x) and y_⊥ with the frozen K (provable by default).
+
+        y_⊥ = max_{i≠j} y_i + e_i + e_j + eps K_ij (margin variant; basic: K_i + K_j), with
+        e the rounding-error bound of :meth:`_forward_with_error`, j the first argmax, so
+        argmax of the result (first maximum) is j exactly when x is certified: where
+        y_⊥ ties y_j, y_⊥ is nudged one ulp up so that the tie goes to ⊥.
+        """
+        y64, ybot, j, cert, _, _ = self._certify_core(x, eps, bound)
+        yj = y64[np.arange(len(j)), j]
+        ybot = np.where(cert, ybot, np.maximum(ybot, np.nextafter(yj, np.inf)))
+        return np.concatenate([y64, ybot[:, None]], axis=1)
+
+    def certify(self, x, eps=None, bound="provable"):
+        """(pred (n,) int, radius (n,) float64): pred is the class or -1 for ⊥.
+
+        radius = min_{i≠j} (y_j - y_i - e_i - e_j) / K_ij >= 0 (rounding slack e, see
+        gloro_logits); pred = j iff y_j > y_⊥ (strict). bound="provable" (default, a
+        proof) or "power" (converged power method: an estimate from below, not a proof).
+        """
+        _, _, j, cert, radius, _ = self._certify_core(x, eps, bound)
+        return np.where(cert, j, -1).astype(np.int64), radius
+
+    def predict(self, x) -> np.ndarray:
+        """argmax f(x) by index, (n,)."""
+        return self.logits(x).argmax(axis=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict:
+        fr = self._frozen
+        lip = None
+        if fr is not None:
+            lip = {k: fr[k] for k in ("version", "power", "provable", "methods", "power_iters", "converged",
+                                      "tol", "k_sub_power", "k_sub_provable")}
+        return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "activation": self.activation, "layers": [dict(s) for s in self.layers],
+                "eps": self.eps, "variant": self.variant, "init": self.init, "seed": self.seed,
+                "dtype": str(self.dtype), "power_iters": self.power_iters, "lam": self.lam,
+                "lipschitz": lip}
+
+    def state_arrays(self) -> dict:
+        out = {}
+        for i, (w, b) in enumerate(self.params):
+            out[f"param.{i}.weight"] = w.data
+            out[f"param.{i}.bias"] = b.data
+            out[f"iterate.{i}"] = self.iterates[i]
+        return out
+
+    def save(self, path, extra=None):
+        """Write a gloro-npz/1 checkpoint atomically (see gloro_core.checkpoint).
+
+        extra: dict of JSON values and numpy arrays (e.g. optimizer state, epoch); it comes
+        back as ``net.extra`` after :func:`load`.
+        """
+        checkpoint.save_npz(path, self.meta(), self.state_arrays(), extra)
+
+
+def load(path) -> GloroNet:
+    """Read a gloro-npz/1 checkpoint into a GloroNet (``net.extra`` holds the saved extra)."""
+    meta, arrays, extra = checkpoint.load_npz(path)
+    try:
+        net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
+                       activation=meta["activation"], init=meta.get("init", "glorot_uniform"),
+                       eps=meta["eps"], variant=meta.get("variant", "margin"), seed=meta.get("seed", 0),
+                       dtype=np.dtype(meta.get("dtype", "float32")),
+                       power_iters=meta.get("power_iters", DEFAULT_POWER_ITERS), lam=meta.get("lam", 1.0),
+                       _init_params=False)
+    except KeyError as exc:
+        raise ValueError(f"{path}: meta lacks key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: bad meta: {exc}") from None
+    for i, op in enumerate(net.ops):
+        expect = {f"param.{i}.weight": op.w_shape, f"param.{i}.bias": (op.w_shape[0],),
+                  f"iterate.{i}": op.iterate_shape}
+        for key, shp in expect.items():
+            if key not in arrays:
+                raise ValueError(f"{path}: missing array {key!r}")
+            a = arrays[key]
+            if tuple(a.shape) != tuple(shp):
+                raise ValueError(f"{path}: array {key!r} has shape {tuple(a.shape)}, expected {tuple(shp)}")
+            if a.dtype.kind != "f":
+                raise ValueError(f"{path}: array {key!r} has dtype {a.dtype}, expected a float array")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{path}: array {key!r} contains NaN or inf")
+        w, b = net.params[i]
+        w.data = np.ascontiguousarray(arrays[f"param.{i}.weight"], dtype=net.dtype)
+        b.data = np.ascontiguousarray(arrays[f"param.{i}.bias"], dtype=net.dtype)
+        net.iterates[i] = np.ascontiguousarray(arrays[f"iterate.{i}"], dtype=net.dtype)
+    # the saved Lipschitz numbers are kept for reference only: a certificate must not
+    # trust a file, so the frozen K is recomputed from the weights on first use
+    net.saved_lipschitz = meta.get("lipschitz")
+    net.extra = extra
+    return net
