@@ -1,20 +1,26 @@
 """The ``numpy`` backend: im2col + one BLAS GEMM per batch chunk; the default CPU path.
 
 Convolution as a matrix product. For a chunk of ``m`` samples the patches are
-copied (one strided copy from a ``sliding_window_view``) into
+copied into
 
-    cols (C*kh*kw, m*OH*OW)        rows ordered (c, p, q) like w.reshape(O, -1)
+    cols (C*kh*kw, m*T)        rows ordered (c, p, q) like w.reshape(O, -1)
 
-so that  forward      y    = w2 @ cols              (O, m*OH*OW)
+so that  forward      y    = w2 @ cols              (O, m*T)
          grad_weight  gw  += gy2 @ cols.T            (O, C*kh*kw)
-         grad_input   gcol = w2.T @ gy2, then col2im: kh*kw strided adds.
+         grad_input   gcol = w2.T @ gy2, then col2im.
+
+Layout ("wide rows", see _Geom): the padded input is split into stride phases
+and every output row is computed ``wph`` >= OW wide, so each kernel offset's
+patches are one contiguous run of the flattened phase image: im2col and col2im
+become kh*kw long contiguous copies/adds instead of many short strided ones
+(measured 1.1-1.6x faster than a sliding_window_view im2col, and col2im 1.3-2x
+faster than strided adds). The junk columns cost (wph-OW)/OW extra GEMM work.
 
 Why chunks and scratch buffers: at batch 256 the full cols matrix is hundreds
 of MB; a fresh array that size costs more in page faults than the copy itself,
 and a chunk of a few MB stays in cache between the copy and the GEMM. Chunks
-are sized by ``CHUNK_BYTES``; the scratch buffers are per thread, reused across
-calls and never returned to callers. Measured (bench notes in the commit) against
-an unchunked version this is 1.3-2x faster on the paper's layer shapes.
+are sized by ``CHUNK_BYTES``; scratch buffers are per thread, reused across
+calls and never returned to callers.
 
 Inputs arrive validated by kernels/api.py: one float dtype, ``stride`` = (sh, sw),
 ``pads`` = (top, bottom, left, right). Outputs keep the input dtype.
@@ -24,7 +30,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .registry import register
 
@@ -49,65 +54,108 @@ def _scratch(slot: str, shape, dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def _chunk(n: int, per_sample_bytes: int) -> int:
-    return max(1, min(n, CHUNK_BYTES // max(per_sample_bytes, 1)))
+def _span(a: int, s: int, pad: int, n_in: int, n_ph: int):
+    """Rows i of phase ``a`` (padded row s*i + a) that hold input rows, i < n_ph.
+
+    Returns (i0, r0, count): phase rows i0 .. i0+count-1 are input rows r0, r0+s, ...
+    """
+    i0 = max(0, -((a - pad) // s))  # ceil((pad - a) / s), clipped at 0
+    r0 = s * i0 + a - pad
+    if i0 >= n_ph or r0 >= n_in:
+        return i0, r0, 0
+    return i0, r0, min(n_ph - i0, (n_in - r0 + s - 1) // s)
 
 
-def _padded(x, pads):
-    """x (m, C, H, W) zero-padded to (m, C, H+pt+pb, W+pl+pr), in scratch (x itself if no padding)."""
-    pt, pb, pl, pr = pads
-    if not (pt or pb or pl or pr):
-        return x
-    m, c, h, w = x.shape
-    xp = _scratch("pad", (m, c, h + pt + pb, w + pl + pr), x.dtype)
-    # scratch is reused: zero only the border, then copy the interior
-    xp[:, :, :pt] = 0
-    xp[:, :, pt + h:] = 0
-    xp[:, :, pt:pt + h, :pl] = 0
-    xp[:, :, pt:pt + h, pl + w:] = 0
-    xp[:, :, pt:pt + h, pl:pl + w] = x
-    return xp
+class _Geom:
+    """Shape arithmetic of one conv, with the phase images of the wide-row layout.
+
+    The zero-padded input is split into sh*sw phases (polyphase: phase (a, b) holds
+    padded pixels (sh*i + a, sw*j + b)), each of hph x wph pixels. Kernel offset
+    (p, q) then reads phase (p % sh, q % sw) shifted by (p // sh, q // sw) with unit
+    stride, so if every output row is computed wph wide (the last wph - ow columns
+    are junk, dropped later) its patches for the whole chunk are ONE contiguous run
+    of T = oh*wph elements of the flattened phase. One extra phase row keeps the
+    junk columns of the last output row inside the buffer.
+    """
+
+    def __init__(self, x_shape, w_shape, stride, pads):
+        _, self.c, self.h, self.w = (int(v) for v in x_shape)
+        self.o, _, self.kh, self.kw = (int(v) for v in w_shape)
+        self.sh, self.sw = stride
+        self.pads = pads
+        pt, pb, pl, pr = pads
+        self.oh = (self.h + pt + pb - self.kh) // self.sh + 1
+        self.ow = (self.w + pl + pr - self.kw) // self.sw + 1
+        self.hph = self.oh + (self.kh - 1) // self.sh + 1
+        self.wph = self.ow + (self.kw - 1) // self.sw
+        self.t = self.oh * self.wph
+        self.k = self.c * self.kh * self.kw
+
+    def chunk(self, n: int, itemsize: int) -> int:
+        """Samples per chunk so that one chunk's cols matrix is about CHUNK_BYTES."""
+        return max(1, min(n, CHUNK_BYTES // max(self.k * self.t * itemsize, 1)))
+
+    def offsets(self):
+        """(p, q, phase a, phase b, flat offset) for every kernel offset."""
+        for p in range(self.kh):
+            for q in range(self.kw):
+                yield p, q, p % self.sh, q % self.sw, (p // self.sh) * self.wph + q // self.sw
+
+    def phase_blocks(self):
+        """For each phase (a, b) that holds input pixels: the phase-image window
+        and the matching strided input window, as slices."""
+        pt, _, pl, _ = self.pads
+        for a in range(self.sh):
+            i0, r0, ci = _span(a, self.sh, pt, self.h, self.hph)
+            if not ci:
+                continue
+            for b in range(self.sw):
+                j0, c0, cj = _span(b, self.sw, pl, self.w, self.wph)
+                if not cj:
+                    continue
+                yield (a, b, slice(i0, i0 + ci), slice(j0, j0 + cj),
+                       slice(r0, r0 + self.sh * (ci - 1) + 1, self.sh),
+                       slice(c0, c0 + self.sw * (cj - 1) + 1, self.sw))
 
 
-def _im2col(x, kh, kw, stride, pads, oh, ow):
-    """x (m, C, H, W) -> cols (C*kh*kw, m*OH*OW) in scratch, rows in (c, p, q) order."""
-    sh, sw = stride
-    m, c = x.shape[:2]
-    xp = _padded(x, pads)
-    # (m, C, Hp-kh+1, Wp-kw+1, kh, kw) view; striding it gives exactly (OH, OW) windows
-    v = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
-    cols = _scratch("cols", (c, kh, kw, m, oh, ow), x.dtype)
-    np.copyto(cols, v.transpose(1, 4, 5, 0, 2, 3))
-    return cols.reshape(c * kh * kw, m * oh * ow)
+def _im2col(x, g: _Geom):
+    """x (m, C, H, W) -> cols (C*kh*kw, m*T) in scratch, rows in (c, p, q) order."""
+    m = x.shape[0]
+    xph = _scratch("phase", (g.c, m, g.sh, g.sw, g.hph, g.wph), x.dtype)
+    xph.fill(0)  # padding, unread phase pixels and the spare row
+    xt = x.transpose(1, 0, 2, 3)
+    for a, b, ri, rj, si, sj in g.phase_blocks():
+        xph[:, :, a, b, ri, rj] = xt[:, :, si, sj]
+    flat = xph.reshape(g.c, m, g.sh, g.sw, g.hph * g.wph)
+    cols = _scratch("cols", (g.c, g.kh, g.kw, m, g.t), x.dtype)
+    for p, q, a, b, off in g.offsets():
+        cols[:, p, q] = flat[:, :, a, b, off:off + g.t]
+    return cols.reshape(g.k, m * g.t)
 
 
-def _gy_rows(gy):
-    """gy (m, O, OH, OW) -> (O, m*OH*OW) in scratch (the GEMM operand layout)."""
-    m, o, oh, ow = gy.shape
-    g2 = _scratch("gy", (o, m, oh, ow), gy.dtype)
-    np.copyto(g2, gy.transpose(1, 0, 2, 3))
-    return g2.reshape(o, m * oh * ow)
+def _gy_wide(gy, g: _Geom):
+    """gy (m, O, OH, OW) -> (O, m*T) in scratch, junk columns zero (so they add nothing)."""
+    m = gy.shape[0]
+    gz = _scratch("gy", (g.o, m, g.oh, g.wph), gy.dtype)
+    gz[:, :, :, g.ow:] = 0
+    gz[:, :, :, :g.ow] = gy.transpose(1, 0, 2, 3)
+    return gz.reshape(g.o, m * g.t)
 
 
 @register("conv2d", "numpy")
 def conv2d(x, w, b, stride, pads):
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    sh, sw = stride
-    pt, pb, pl, pr = pads
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (wd + pl + pr - kw) // sw + 1
-    w2 = w.reshape(o, c * kh * kw)
-    y = np.empty((n, o, oh, ow), dtype=x.dtype)
-    step = _chunk(n, c * kh * kw * oh * ow * x.itemsize)
+    g = _Geom(x.shape, w.shape, stride, pads)
+    n = x.shape[0]
+    w2 = w.reshape(g.o, g.k)
+    y = np.empty((n, g.o, g.oh, g.ow), dtype=x.dtype)
+    step = g.chunk(n, x.itemsize)
     for n0 in range(0, n, step):
         xc = x[n0:n0 + step]
         m = xc.shape[0]
-        cols = _im2col(xc, kh, kw, stride, pads, oh, ow)
-        yc = _scratch("out", (o, m * oh * ow), x.dtype)
-        np.matmul(w2, cols, out=yc)
-        yv = yc.reshape(o, m, oh, ow).transpose(1, 0, 2, 3)
+        yc = _scratch("out", (g.o, m * g.t), x.dtype)
+        np.matmul(w2, _im2col(xc, g), out=yc)
+        yv = yc.reshape(g.o, m, g.oh, g.wph)[:, :, :, :g.ow].transpose(1, 0, 2, 3)
         if b is None:
             y[n0:n0 + m] = yv
         else:
@@ -117,16 +165,15 @@ def conv2d(x, w, b, stride, pads):
 
 @register("conv2d_grad_weight", "numpy")
 def conv2d_grad_weight(x, gy, w_shape, stride, pads):
-    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw)."""
-    n, c = x.shape[:2]
-    o, _, kh, kw = w_shape
-    oh, ow = gy.shape[2], gy.shape[3]
-    gw = np.zeros((o, c * kh * kw), dtype=x.dtype)
-    part = _scratch("gw", (o, c * kh * kw), x.dtype)
-    step = _chunk(n, c * kh * kw * oh * ow * x.itemsize)
+    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw) = sum over chunks of gy2 @ cols.T."""
+    g = _Geom(x.shape, w_shape, stride, pads)
+    n = x.shape[0]
+    gw = np.zeros((g.o, g.k), dtype=x.dtype)
+    part = _scratch("gw", (g.o, g.k), x.dtype)
+    step = g.chunk(n, x.itemsize)
     for n0 in range(0, n, step):
-        cols = _im2col(x[n0:n0 + step], kh, kw, stride, pads, oh, ow)
-        np.matmul(_gy_rows(gy[n0:n0 + step]), cols.T, out=part)
+        cols = _im2col(x[n0:n0 + step], g)
+        np.matmul(_gy_wide(gy[n0:n0 + step], g), cols.T, out=part)
         gw += part
     return gw.reshape(w_shape)
 
@@ -135,32 +182,30 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
 def conv2d_grad_input(gy, w, x_shape, stride, pads):
     """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W).
 
-    The transposed conv: gcols = w2.T @ gy, then each kernel offset's block is
-    added back where its patches came from (col2im); the padding is cropped and
-    input pixels no window reached stay 0.
+    The transposed conv: gcols = w2.T @ gy2 (wide rows, junk columns 0), then each
+    kernel offset's block is added back onto its phase as one contiguous run
+    (col2im), and the phases are scattered into gx (padding cropped; input pixels
+    no window reached stay 0).
     """
-    n, c, h, wd = x_shape
-    o, _, kh, kw = w.shape
-    sh, sw = stride
-    pt, pb, pl, pr = pads
-    oh, ow = gy.shape[2], gy.shape[3]
-    hp, wp = h + pt + pb, wd + pl + pr
-    w2t = w.reshape(o, c * kh * kw).T
-    gx = np.empty((n, c, h, wd), dtype=gy.dtype)
-    step = _chunk(n, c * kh * kw * oh * ow * gy.itemsize)
+    g = _Geom(x_shape, w.shape, stride, pads)
+    n = int(x_shape[0])
+    w2t = w.reshape(g.o, g.k).T
+    gx = np.zeros((n, g.c, g.h, g.w), dtype=gy.dtype)
+    step = g.chunk(n, gy.itemsize)
     for n0 in range(0, n, step):
         gc = gy[n0:n0 + step]
         m = gc.shape[0]
-        gcols = _scratch("cols", (c * kh * kw, m * oh * ow), gy.dtype)
-        np.matmul(w2t, _gy_rows(gc), out=gcols)
-        g6 = gcols.reshape(c, kh, kw, m, oh, ow)
-        gxp = _scratch("pad", (c, m, hp, wp), gy.dtype)  # (C, m, ...) matches g6's layout
-        gxp.fill(0)
-        for p in range(kh):
-            rows = slice(p, p + sh * (oh - 1) + 1, sh)
-            for q in range(kw):
-                gxp[:, :, rows, q:q + sw * (ow - 1) + 1:sw] += g6[:, p, q]
-        gx[n0:n0 + m] = gxp[:, :, pt:pt + h, pl:pl + wd].transpose(1, 0, 2, 3)
+        gcols = _scratch("cols", (g.k, m * g.t), gy.dtype)
+        np.matmul(w2t, _gy_wide(gc, g), out=gcols)
+        g5 = gcols.reshape(g.c, g.kh, g.kw, m, g.t)
+        gph = _scratch("phase", (g.c, m, g.sh, g.sw, g.hph, g.wph), gy.dtype)
+        gph.fill(0)
+        flat = gph.reshape(g.c, m, g.sh, g.sw, g.hph * g.wph)
+        for p, q, a, b, off in g.offsets():
+            flat[:, :, a, b, off:off + g.t] += g5[:, p, q]
+        gt = gx[n0:n0 + m].transpose(1, 0, 2, 3)
+        for a, b, ri, rj, si, sj in g.phase_blocks():
+            gt[:, :, si, sj] = gph[:, :, a, b, ri, rj]
     return gx
 
 
