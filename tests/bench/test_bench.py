@@ -1,0 +1,152 @@
+"""bench/run.py end to end on tiny selections (seconds, not a benchmark), and torch_ref's math."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = os.path.join(ROOT, "bench", "run.py")
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _run(tmp_path, *args, timeout=240):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--silent", "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as fh:
+        data = json.load(fh)
+    return proc.stdout, data
+
+
+def test_kernel_records(tmp_path):
+    stdout, data = _run(tmp_path, "--only", r"kernel/dense(_grad_weight)?/2C2F\.d2$", "--no-torch",
+                        "--backend", "numpy,numba")
+    meta, recs = data["meta"], data["records"]
+    assert meta["cores"] >= 1 and meta["threads"] >= 1 and "blas" in meta
+    assert meta["sgemm_gflops"] > 0
+    assert "sgemm reference" in stdout and "GFLOP/s" in stdout
+    timed = [r for r in recs if r["workload"] == "kernels"]
+    # exactly the two selected ops x the two backends: the filter and --backend both hold
+    assert sorted((r["name"], r["backend"]) for r in timed) == sorted(
+        (f"kernel/{op}/2C2F.d2", be) for op in ("dense", "dense_grad_weight") for be in ("numpy", "numba"))
+    flops = 2.0 * 256 * 100 * 10  # 2C2F.d2: 256 x 100 -> 10
+    by = {(r["name"], r["backend"]): r for r in timed}
+    for r in timed:
+        assert r["batch"] == 256 and r["shape"] == "256x100->10"
+        assert r["reps"] >= 2
+        assert 0 < r["min_ms"] <= r["median_ms"] and math.isfinite(r["median_ms"])
+        assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9)
+        assert r["frac_sgemm"] == pytest.approx(r["gflops"] / r["sgemm_gflops"], rel=1e-9)
+        assert "ours_over_torch" not in r  # --no-torch
+    for op in ("dense", "dense_grad_weight"):
+        npy, nba = by[(f"kernel/{op}/2C2F.d2", "numpy")], by[(f"kernel/{op}/2C2F.d2", "numba")]
+        assert "speedup_vs_numpy" not in npy
+        assert nba["speedup_vs_numpy"] == pytest.approx(npy["median_ms"] / nba["median_ms"], rel=1e-9)
+    # nothing outside the filter ran
+    assert all(r["name"].startswith("kernel/") for r in recs)
+    assert any("torch" in n for n in data["notes"])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_column_and_reference_scaling(tmp_path):
+    _, data = _run(tmp_path, "--only", r"kernel/minmax/2C2F\.c2$", "--backend", "numpy,reference")
+    recs = {r["backend"]: r for r in data["records"] if r["workload"] == "kernels"}
+    assert set(recs) == {"numpy", "torch", "reference"}
+    assert recs["numpy"]["ours_over_torch"] == pytest.approx(
+        recs["numpy"]["median_ms"] / recs["torch"]["median_ms"], rel=1e-9)
+    assert recs["reference"]["measured_batch"] == 2 and "N=2" in recs["reference"]["note"]
+    assert recs["numpy"]["gbps"] > 0 and "gflops" not in recs["numpy"]
+
+
+def test_step_records_or_skip_note(tmp_path):
+    _, data = _run(tmp_path, "--only", "step/|overhead/", timeout=400)
+    recs = [r for r in data["records"] if r["workload"] in ("step", "overhead")]
+    have_model = importlib.util.find_spec("gloro_core.model") is not None
+    if not have_model:
+        assert any("ours skipped" in n for n in data["notes"])
+    else:
+        ours = {r["name"]: r for r in recs if r["backend"] == "ours"}
+        assert {"step/gloro/2C2F", "step/standard/2C2F", "overhead/2C2F"} <= set(ours)
+        assert ours["step/gloro/2C2F"]["power_iters"] == 10
+        assert ours["overhead/2C2F"]["gloro_over_standard"] == pytest.approx(
+            ours["step/gloro/2C2F"]["median_ms"] / ours["step/standard/2C2F"]["median_ms"], rel=1e-9)
+        assert ours["step/gloro/2C2F"]["compile_s"] >= 0
+    if HAS_TORCH:
+        t = {r["name"]: r for r in recs if r["backend"] == "torch"}
+        assert t["step/gloro/2C2F"]["median_ms"] > 0
+
+
+def test_bad_arguments_fail_cleanly():
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--full"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode != 0 and "exclude" in proc.stderr
+
+
+# ------------------------------------------------------------ torch_ref's math
+torch = pytest.importorskip("torch") if HAS_TORCH else None
+
+
+def _tr():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch_ref
+
+    return torch_ref
+
+
+SPECS = [{"type": "conv", "filters": 4, "kernel": 4, "stride": 2, "padding": "same"},
+         {"type": "conv", "filters": 6, "kernel": 3, "stride": 1, "padding": "same"},
+         {"type": "dense", "units": 7}, {"type": "dense", "units": 5}]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_ref_adjoints_and_same_padding():
+    tr = _tr()
+    rng = np.random.default_rng()
+    m = tr.TorchGloroNet((3, 9, 11), 5, SPECS, dtype=torch.float64, seed=int(rng.integers(1 << 30)))
+    assert m.layers[0].pads == (1, 2, 1, 2)  # SAME, k4 s2 on 9x11: extra pixel bottom/right
+    assert m.layers[0].out_shape == (4, 5, 6)
+    for layer in m.layers:
+        u = torch.from_numpy(rng.standard_normal((2,) + layer.in_shape))
+        with torch.no_grad():
+            y = layer(u, bias=False)
+            v = torch.from_numpy(rng.standard_normal(tuple(y.shape)))
+            lhs, rhs = float((y * v).sum()), float((u * layer.adjoint(v)).sum())
+        assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_ref_power_method_and_bot_masking():
+    tr = _tr()
+    m = tr.TorchGloroNet((1, 6, 6), 5, SPECS, dtype=torch.float64, seed=3)
+    # the power method's sigma reaches the exact operator norm of a dense layer from below
+    d = m.layers[2]
+    exact = float(torch.linalg.matrix_norm(d.weight.detach(), ord=2))
+    m.power_iterate(300)
+    sig = float(d(m.iterates[2], bias=False).norm())
+    assert sig <= exact * (1 + 1e-9) and sig == pytest.approx(exact, rel=1e-6)
+    # tied top logits: masking by index keeps y_⊥ finite (>= the tied logit), so never certified
+    y = torch.tensor([[2.0, 2.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
+    g = m.gloro_logits(y, torch.tensor(1.0, dtype=torch.float64), eps=0.1)
+    assert torch.isfinite(g).all() and g[0, 5] > 2.0
+    # y_⊥ matches a loop over i != j
+    y = torch.from_numpy(np.random.default_rng().standard_normal((4, 5)))
+    k = 1.7
+    g = m.gloro_logits(y, torch.tensor(k, dtype=torch.float64), eps=0.3)
+    w = m.layers[-1].weight.detach()
+    for n in range(4):
+        j = int(y[n].argmax())
+        want = max(float(y[n, i]) + 0.3 * k * float((w[j] - w[i]).norm()) for i in range(5) if i != j)
+        assert float(g[n, 5]) == pytest.approx(want, rel=1e-12)
+    # the loss backpropagates to every parameter, finitely
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    loss = m.loss(x, torch.tensor([0, 1, 2]), power_iters=2)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
