@@ -610,14 +610,21 @@ def softmax(x, axis=-1) -> Tensor:
 
 # ------------------------------------------------------------------ layers' ops (kernels)
 
+def _kernel_operands(x, w, b):
+    """x, w, b as Tensors; constant arrays take the float Tensors' dtype (the kernels need one dtype)."""
+    dt = _float_dtype_of(x, w, b)
+    like = next((t for t in (x, w, b) if isinstance(t, Tensor)), None)
+    return as_tensor(x, dt, like), as_tensor(w, dt, like), None if b is None else as_tensor(b, dt, like)
+
+
 def conv2d(x, w, b=None, stride=1, padding="same") -> Tensor:
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (N, O, OH, OW).
 
     padding "same" (TensorFlow), "valid" or int; validation is the kernel API's.
     """
-    x, w = as_tensor(x), as_tensor(w)
-    parents = (x, w) if b is None else (x, w, as_tensor(b))
-    bdata = None if b is None else parents[2].data
+    x, w, b = _kernel_operands(x, w, b)
+    parents = (x, w) if b is None else (x, w, b)
+    bdata = None if b is None else b.data
     out = kernels.conv2d(_contig(x.data), _contig(w.data), bdata, stride, padding)
     kh, kw = w.shape[2], w.shape[3]
 
@@ -627,7 +634,7 @@ def conv2d(x, w, b=None, stride=1, padding="same") -> Tensor:
         gw = kernels.conv2d_grad_weight(_contig(x.data), g, (kh, kw), stride, padding) if w.requires_grad else None
         if b is None:
             return gx, gw
-        gb = kernels.conv2d_grad_bias(g) if parents[2].requires_grad else None
+        gb = kernels.conv2d_grad_bias(g) if b.requires_grad else None
         return gx, gw, gb
 
     return make_result(out, parents, backward, "conv2d")
@@ -635,9 +642,9 @@ def conv2d(x, w, b=None, stride=1, padding="same") -> Tensor:
 
 def dense(x, w, b=None) -> Tensor:
     """x (N, in), w (out, in), b (out,) or None -> x w^T + b, (N, out)."""
-    x, w = as_tensor(x), as_tensor(w)
-    parents = (x, w) if b is None else (x, w, as_tensor(b))
-    bdata = None if b is None else parents[2].data
+    x, w, b = _kernel_operands(x, w, b)
+    parents = (x, w) if b is None else (x, w, b)
+    bdata = None if b is None else b.data
     out = kernels.dense(_contig(x.data), _contig(w.data), bdata)
 
     def backward(g):  # gx = g W ; gW = g^T x ; gb = sum_n g
@@ -646,7 +653,7 @@ def dense(x, w, b=None) -> Tensor:
         gw = kernels.dense_grad_weight(_contig(x.data), g) if w.requires_grad else None
         if b is None:
             return gx, gw
-        gb = kernels.dense_grad_bias(g) if parents[2].requires_grad else None
+        gb = kernels.dense_grad_bias(g) if b.requires_grad else None
         return gx, gw, gb
 
     return make_result(out, parents, backward, "dense")

@@ -1,8 +1,8 @@
 """Losses on logits, averaged over the batch, stable via log_softmax.
 
-Logits may hold -inf entries (e.g. masked classes): terms whose target
-probability is 0 contribute exactly 0 (never 0 * -inf = NaN), in value and in
-gradient.
+Logits may hold -inf entries (e.g. masked classes): a term whose target
+probability is 0 there contributes exactly 0 (never 0 * -inf = NaN), in value
+and in gradient.
 """
 from __future__ import annotations
 
@@ -20,11 +20,15 @@ def _check_logits(logits):
 
 
 def _plogq(p, logq):
-    """p * logq with 0 where p == 0 (so 0 * -inf = 0, and no NaN in either gradient)."""
+    """p * logq, with the term set to 0 where p == 0 and logq == -inf (0 log 0 = 0).
+
+    Only those entries are masked (the gradient w.r.t. p there, really -logq = +inf,
+    is taken as 0); everywhere else both gradients are the exact ones.
+    """
     xp = array_module(logq.data)
-    pos = xp.asarray(p.data if isinstance(p, Tensor) else p) > 0
-    safe = F.where(pos, logq, 0.0)
-    return p * safe
+    pdata = xp.asarray(p.data if isinstance(p, Tensor) else p)
+    keep = (pdata > 0) | xp.isfinite(logq.data)
+    return p * F.where(keep, logq, 0.0)
 
 
 def softmax_cross_entropy(logits, target) -> Tensor:
@@ -57,7 +61,8 @@ def softmax_cross_entropy(logits, target) -> Tensor:
 def kl_divergence(p_target, logits) -> Tensor:
     """mean_n sum_i p[n,i] (log p[n,i] - log_softmax(logits)[n,i]), with 0 log 0 = 0.
 
-    p_target (N, m): a constant array, or a Tensor (then it gets a gradient too).
+    p_target (N, m): a constant array, or a Tensor (then it gets a gradient too,
+    log p - log q + 1, except at p == 0 where the true -inf is replaced by 0).
     """
     logits = F.as_tensor(logits)
     _check_logits(logits)
