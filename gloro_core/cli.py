@@ -246,11 +246,18 @@ def certify_arrays(net, x, y, eps, bound="provable", batch=500):
         "radius_min": float(np.min(radius)) if n else math.nan,
         "radius_max": float(np.max(radius)) if n else math.nan,
         "radius_mean_certified": float(np.mean(cert_r)) if cert_r.size else math.nan,
+        "radius_of_correct": _radius_stats(radius, clean == y),
         "seconds_total": seconds, "ms_per_instance": 1e3 * seconds / max(n, 1),
         "peak_mb_per_instance": peak / 2 ** 20 / max(min(batch, n), 1),
         "peak_mb_batch": peak / 2 ** 20, "batch": int(min(batch, n)),
     }
     return res, clean == y, radius
+
+
+def _radius_stats(radius, correct):
+    from .metrics import radius_stats
+
+    return radius_stats(radius, correct)
 
 
 def cmd_certify(args) -> int:

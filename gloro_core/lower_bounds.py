@@ -21,8 +21,8 @@ import numpy as np
 
 
 def _tensor_logits(net, x):
-    """Logits as a Tensor with a graph back to the input Tensor ``x``."""
-    return net.logits(x)
+    """Logits as a Tensor with a graph back to the input Tensor ``x`` (GloroNet.forward)."""
+    return net.forward(x)
 
 
 def _ratio(net, x1, x2):
@@ -119,10 +119,31 @@ def local_lower_bound(net, x: np.ndarray, eps: float, steps: int = 100, lr: floa
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def margin_upper_bound(net, k_sub: float) -> float:
+    """max_{i != j} K_ij = K_sub * max ||w_i - w_j|| (margin variant; basic: K_i + K_j)."""
+    w = np.asarray(net.params[-1][0].data, np.float64)
+    if getattr(net, "variant", "margin") == "margin":
+        d = np.sqrt(((w[:, None, :] - w[None, :, :]) ** 2).sum(-1))
+        return float(k_sub * d.max())
+    k = np.sqrt((w ** 2).sum(1))
+    top = np.sort(k)[-2:]
+    return float(k_sub * top.sum())
+
+
 def upper_bounds(net) -> dict:
-    """Per-layer and global upper bounds reported by the model (power and provable)."""
-    lip = net.lipschitz()
-    return {"upper": _jsonable(lip)}
+    """Per-layer and global upper bounds (power and provable), and the margin bound
+    max K_ij that the lower bounds below are compared with."""
+    lip = net.lipschitz("provable")
+    layers = [{k: v for k, v in layer.items()} for layer in lip["layers"]]
+    return {
+        "layers": _jsonable(layers),
+        "k_sub_power": float(lip["k_sub_power"]),
+        "k_sub_provable": float(lip["k_sub_provable"]),
+        "global_upper_power": float(np.prod([l["power"] for l in layers])),
+        "global_upper_provable": float(np.prod([l["provable"] for l in layers])),
+        "margin_upper_power": margin_upper_bound(net, lip["k_sub_power"]),
+        "margin_upper_provable": margin_upper_bound(net, lip["k_sub_provable"]),
+    }
 
 
 def _jsonable(obj):

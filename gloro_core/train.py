@@ -175,18 +175,10 @@ def save_checkpoint(net, path: str, extra: dict) -> None:
 
 def load_checkpoint(path: str):
     """-> (net, extra dict) from a checkpoint written by ``save_checkpoint``."""
-    from . import model as model_mod
+    from .model import load
 
-    loader = getattr(model_mod, "load", None)
-    if loader is None:
-        import gloro_core
-        loader = gloro_core.load
-    res = loader(path)
-    if isinstance(res, tuple):
-        net, extra = res[0], (res[1] if len(res) > 1 else {})
-    else:
-        net, extra = res, getattr(res, "extra", {})
-    return net, (extra or {})
+    net = load(path)
+    return net, (getattr(net, "extra", None) or {})
 
 
 # ---------------------------------------------------------------- metrics files
