@@ -9,7 +9,8 @@ __device__ __forceinline__ double gl_sqrt(double v) { return sqrt(v); }
 // x viewed as (N, C, inner) with C even: channels (2k, 2k+1) -> (min, max).
 // One thread per pair.  A pair is kept in order when x[2k] <= x[2k+1] (ties
 // included), so the backward rule "gy[2k] -> 2k, gy[2k+1] -> 2k+1 on ties"
-// matches the forward exactly.
+// matches the forward exactly.  A NaN in a pair makes both outputs NaN (np.minimum
+// semantics); its gradient is routed as for an unordered pair (swapped), as the oracle does.
 
 template <typename T>
 __global__ void minmax_fwd(const T* __restrict__ x, T* __restrict__ y, int npairs, int inner)
@@ -20,8 +21,9 @@ __global__ void minmax_fwd(const T* __restrict__ x, T* __restrict__ y, int npair
         const int a = (2 * nk) * inner + r, b = a + inner;      // x[n, 2k, r], x[n, 2k+1, r]
         const T xa = x[a], xb = x[b];
         const bool keep = xa <= xb;
-        y[a] = keep ? xa : xb;
-        y[b] = keep ? xb : xa;
+        const bool nan = xa != xa || xb != xb;  // a NaN poisons both, as np.minimum/np.maximum
+        y[a] = nan ? xa + xb : (keep ? xa : xb);
+        y[b] = nan ? xa + xb : (keep ? xb : xa);
     }
 }
 
