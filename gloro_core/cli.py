@@ -38,7 +38,8 @@ def _data_args(p, default_dataset=None):
     p.add_argument("--data-dir", default=None,
                    help="directory holding the dataset files (fashion-mnist defaults to "
                         "/usr/share/datasets/fashion-mnist)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N points")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N points (train: N train and, unless --test-limit, "
+                        "N test points; evaluation commands: N test points)")
     p.add_argument("--synthetic-shape", type=_shape, default=None,
                    help="C,H,W of the synthetic dataset (default 1,28,28)")
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(t, "synthetic")
     _common(t)
     t.add_argument("--test-limit", type=int, default=None,
-                   help="evaluate on the first N test points (default: all)")
+                   help="evaluate on the first N test points (default: --limit, else all)")
     t.add_argument("--arch", default="2C2F",
                    help="2C2F, 4C3F, 6C2F, 7C1F, compact 'c(16,4,2),d(100)' or a .json list")
     t.add_argument("--activation", default="relu", choices=["relu", "minmax"])

@@ -68,8 +68,8 @@ class TrainConfig:
     augment: bool | None = None  # None: on for cifar10 / tiny-imagenet only
     seed: int = 0
     out: str = "runs/gloro"
-    limit: int | None = None    # train subset size
-    test_limit: int | None = None  # test subset size (default: all of the test set)
+    limit: int | None = None    # use the first N train points (and N test points, unless
+    test_limit: int | None = None  # test_limit says otherwise); None: all
     eval_batch: int = 500
     progress: bool = True
     plot: bool = False

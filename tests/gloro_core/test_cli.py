@@ -87,3 +87,12 @@ def test_help_subprocess():
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage" in r.stdout
     assert "--resume" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+def test_backend_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLORO_BACKEND", raising=False)
+    args = TRAIN[:]
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--out", str(tmp_path / "b"), "--backend", "reference",
+                        "--limit", "32"]) == 0
+    assert os.environ["GLORO_BACKEND"] == "reference"
