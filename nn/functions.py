@@ -330,11 +330,15 @@ def transpose(x, axes=None) -> Tensor:
     return make_result(xp.transpose(x.data, axes), (x,), backward, "transpose")
 
 
-def _raw_index(index):
-    """Tensors inside an index become their arrays."""
-    if isinstance(index, tuple):
-        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    return index.data if isinstance(index, Tensor) else index
+def _raw_index(index, xp):
+    """Tensors inside an index become their arrays; host index arrays move to x's device."""
+    def one(i):
+        i = i.data if isinstance(i, Tensor) else i
+        if xp is not np and isinstance(i, (np.ndarray, list)):
+            return xp.asarray(i)
+        return i
+
+    return tuple(one(i) for i in index) if isinstance(index, tuple) else one(index)
 
 
 def _is_basic(index) -> bool:
@@ -356,10 +360,10 @@ def _scatter_add(target, index, values):
 def getitem(x, index) -> Tensor:
     """x[index]: basic slicing, integer-array gather and boolean masks."""
     x = as_tensor(x)
-    index = _raw_index(index)
+    xp = array_module(x.data)
+    index = _raw_index(index, xp)
     out = x.data[index]
     basic = _is_basic(index)
-    xp = array_module(x.data)
 
     def backward(g):  # scatter the gradient back; repeated gathers accumulate
         gx = xp.zeros(x.shape, dtype=g.dtype)

@@ -1,16 +1,7 @@
-"""Shared helpers for the nn tests: fresh random inputs, CPU backends to inject."""
-import numpy as np
+"""nn test helpers: the CPU kernel backends to inject (``rng`` comes from tests/conftest.py)."""
 import pytest
 
 import kernels
-
-
-@pytest.fixture
-def rng(request):
-    # a fresh seed per test run (printed on failure through the test id's repr)
-    seed = np.random.SeedSequence().entropy % (2**32)
-    print(f"rng seed = {seed}")  # shown with a failing test's captured output
-    return np.random.default_rng(seed)
 
 
 def cpu_backends():
