@@ -83,7 +83,8 @@ class Bench:
         self.notes: list[str] = []
         self.meta: dict = {}
         self.torch = None  # the torch_ref module when torch imports
-        self.sgemm_cache: dict = {}
+        self.sgemm_cache: dict = {}  # (m, k, n) -> median GFLOP/s
+        self.sgemm_best: dict = {}  # (m, k, n) -> best-run GFLOP/s
         if args.only:
             try:
                 self._only = re.compile(args.only)
@@ -202,6 +203,7 @@ def sgemm_gflops(b: Bench, m: int, k: int, n: int, budget_s: float = 0.15) -> fl
         _, est = warm(fn, 1)
         times = interleaved({"s": fn}, reps_for(est, budget_s, 3, 50))["s"]
         b.sgemm_cache[key] = 2.0 * m * k * n / statistics.median(times) / 1e9
+        b.sgemm_best[key] = 2.0 * m * k * n / min(times) / 1e9
     return b.sgemm_cache[key]
 
 
@@ -554,20 +556,25 @@ def _torch_model(b, arch, seed=0):
 
 
 def _time_pair(b, name, fns: dict, reps: int):
-    """Warm up every callable (first call = compile), then interleave; returns (times, first, compile)."""
-    first, compile_s, ok = {}, {}, {}
+    """Warm up every callable, then interleave them (A B A B ...).
+
+    Returns (times, first-call s, compile s) per callable, where compile s = first call minus
+    the median of the timed calls: Numba compilation / cache loading and other one-off work.
+    """
+    first, ok = {}, {}
     for k, fn in fns.items():
         try:
-            f, w = warm(fn, b.args.warmup)
-            first[k], ok[k] = f, fn
-            compile_s[k] = max(f - w, 0.0)
+            first[k], _ = warm(fn, b.args.warmup)
+            ok[k] = fn
         except Exception as exc:
             b.note(f"{name} [{k}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             if b.args.verbose:
                 traceback.print_exc()
     if not ok:
-        return {}, first, compile_s
-    return interleaved(ok, reps), first, compile_s
+        return {}, first, {}
+    times = interleaved(ok, reps)
+    compile_s = {k: max(first[k] - statistics.median(v), 0.0) for k, v in times.items()}
+    return times, first, compile_s
 
 
 def _step_callables(b, arch, kind, n, iters):
@@ -648,7 +655,11 @@ def bench_inference(b: Bench) -> None:
         if ours is not None:
             try:
                 m = ours.build()
-                m.update_lipschitz()  # converge and freeze K before timing
+                t_freeze = _call_time(m.update_lipschitz)  # converge and freeze K before timing
+                if b.wanted(f"infer/freezeK/{arch}"):
+                    b.add(_record(f"infer/freezeK/{arch}", "inference", "ours", "once per model", 1,
+                                  [t_freeze], note="update_lipschitz(): power method to 1e-5 + "
+                                                   "provable float64 bounds (one-off, not in medians)"))
                 fns["plain"]["ours"] = lambda m=m: m.logits(x)
                 fns["certify"]["ours"] = lambda m=m: m.certify(x)
             except Exception as exc:
@@ -657,7 +668,10 @@ def bench_inference(b: Bench) -> None:
             import torch
 
             tm = _torch_model(b, arch)
-            tm.freeze_lipschitz(100)
+            t_freeze = _call_time(lambda: tm.freeze_lipschitz(100))
+            if b.wanted(f"infer/freezeK/{arch}"):
+                b.add(_record(f"infer/freezeK/{arch}", "inference", "torch", "once per model", 1,
+                              [t_freeze], note="100 power iterations (no provable bound)"))
             tx = torch.from_numpy(x)
             fns["plain"]["torch"] = lambda: tm.predict(tx)
             fns["certify"]["torch"] = lambda: tm.certify(tx)
@@ -674,7 +688,8 @@ def bench_inference(b: Bench) -> None:
                 if k in recs["plain"]:
                     ratio = r["median_ms"] / recs["plain"][k]["median_ms"]
                     r["certify_over_plain"] = ratio
-                    r["note"] = f"certify/plain = {ratio:.2f}x"
+                    r["note"] = f"certify/plain = {ratio:.2f}x" + (
+                        " (incl. float64 rounding-error bound pass)" if k == "ours" else "")
 
 
 def bench_scaling(b: Bench) -> None:
@@ -746,18 +761,24 @@ def bench_memory(b: Bench) -> None:
             except Exception as exc:
                 tracemalloc.stop() if tracemalloc.is_tracing() else None
                 b.note(f"{name}: ours failed: {type(exc).__name__}: {exc}")
+        # the subprocess measurement (like for like, ours vs torch): 2C2F only unless --full
         frameworks = []
-        if b.torch is not None and (a.full or arch == "2C2F" or not a.quick):
-            frameworks.append("torch")
-        if a.full and ours is not None:
-            frameworks.append("ours")
+        if a.full or (arch == "2C2F" and not a.quick):
+            if ours is not None:
+                frameworks.append("ours")
+            if b.torch is not None:
+                frameworks.append("torch")
         for fw in frameworks:
+            b.log(f"  {name} [{fw}, subprocess]")
             res = _rss_child(b, fw, arch)
             if res is None:
                 continue
-            b.add(_record(name, "memory", fw, shp, BATCH, peak_mb=res / 2**20,
-                          mb_per_instance=res / 2**20 / BATCH, mem_method="ru_maxrss delta (subprocess)",
-                          note="maxrss growth of one GloRo step / batch"))
+            delta, method = res
+            what = ("peak RSS (VmHWM reset via clear_refs) minus RSS before" if method == "VmHWM-delta"
+                    else "ru_maxrss growth")
+            b.add(_record(name, "memory", fw, shp, BATCH, peak_mb=delta / 2**20,
+                          mb_per_instance=delta / 2**20 / BATCH, mem_method=f"{method} (subprocess)",
+                          note=f"{what}, one GloRo step in a fresh process / batch"))
 
 
 def _rss_child(b, fw, arch):
@@ -770,13 +791,30 @@ def _rss_child(b, fw, arch):
         return None
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("RSS_DELTA "):
-            return int(line.split()[1])
+            _, val, method = line.split()
+            return int(val), method
     b.note(f"mem/{arch} [{fw}]: subprocess failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
     return None
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def mem_child(spec: str, activation: str) -> None:
-    """Subprocess body: one warm-up step at batch 2, then ru_maxrss growth of one step at 256."""
+    """Subprocess body: a warm-up step at batch 2, then the resident-set growth of one step at 256.
+
+    Preferred method: reset the peak RSS (``/proc/self/clear_refs`` <- 5, Linux >= 4.0) and
+    report VmHWM after the step minus VmRSS before it. Fallback: ru_maxrss growth, which
+    reads 0 when an earlier peak (imports) was higher.
+    """
     import resource
 
     fw, arch = spec.split(":")
@@ -800,10 +838,20 @@ def mem_child(spec: str, activation: str) -> None:
         Ours.step_fn(m, opt, x2, y2, "gloro", iters)()
         step = Ours.step_fn(m, opt, x, y, "gloro", iters)
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"RSS_DELTA {(after - before) * 1024}")  # ru_maxrss is in KiB on Linux
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _proc_status_kib("VmRSS")
+        step()
+        peak = _proc_status_kib("VmHWM")
+        if before is None or peak is None:
+            raise OSError("no VmRSS/VmHWM")
+        print(f"RSS_DELTA {(peak - before) * 1024} VmHWM-delta")
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"RSS_DELTA {(after - before) * 1024} ru_maxrss-delta")  # ru_maxrss is KiB on Linux
 
 
 # ============================================================== table
@@ -881,8 +929,11 @@ def header(b: Bench) -> str:
     ]
     if "sgemm_gflops" in m:
         lines.append(f"sgemm reference: np.matmul float32 {m['sgemm_size']}: {m['sgemm_ms']:.2f} ms = "
-                     f"{m['sgemm_gflops']:.1f} GFLOP/s  (%sgemm = op GFLOP/s / sgemm GFLOP/s at the op's "
-                     f"own GEMM size, same run)")
+                     f"{m['sgemm_gflops']:.1f} GFLOP/s median, {m['sgemm_best_gflops']:.1f} best  "
+                     f"(%sgemm = op GFLOP/s / median sgemm GFLOP/s at the op's own GEMM size, same run)")
+    if m.get("loadavg_start") is not None:
+        lines.append(f"load average (1 min): {m['loadavg_start']:.2f} at start, "
+                     f"{m.get('loadavg_end', float('nan')):.2f} at end; activation: {m['activation']}")
     lines.append("x numpy = numpy-backend time / this time (higher is faster); /torch = this time / "
                  "PyTorch time (interleaved runs; below 1 = we are faster)")
     return "\n".join(lines)
@@ -975,7 +1026,9 @@ def main(argv=None) -> int:
     # headline sgemm
     size = 512 if a.quick else 1024
     g = sgemm_gflops(b, size, size, size, budget_s=0.3)
-    b.meta.update(sgemm_size=f"{size}x{size}x{size}", sgemm_gflops=g, sgemm_ms=2 * size**3 / g / 1e6)
+    b.meta.update(sgemm_size=f"{size}x{size}x{size}", sgemm_gflops=g, sgemm_ms=2 * size**3 / g / 1e6,
+                  sgemm_best_gflops=b.sgemm_best[(size, size, size)])
+    b.meta["loadavg_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     for title, fn in (("kernels", bench_kernels), ("training steps", bench_steps),
                       ("inference", bench_inference), ("scaling", bench_scaling),
@@ -988,6 +1041,12 @@ def main(argv=None) -> int:
             if a.verbose:
                 traceback.print_exc()
     b.meta["wall_s"] = time.perf_counter() - t_start
+    if hasattr(os, "getloadavg"):
+        b.meta["loadavg_end"] = os.getloadavg()[0]
+        busy = max(b.meta["loadavg_start"], b.meta["loadavg_end"])
+        if busy > (os.cpu_count() or 1) + 0.5:
+            b.note(f"the machine was busy (1-min load average up to {busy:.1f} on "
+                   f"{os.cpu_count()} cores, this run included): timings are noisy")
     b.meta["sgemm_sizes"] = {f"{m}x{k}x{n}": v for (m, k, n), v in b.sgemm_cache.items()}
 
     print(header(b))
