@@ -116,20 +116,36 @@ def power_steps(op: LinearOp, w, v, iters: int):
 
 
 def converge(op: LinearOp, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=None):
-    """Power method until the relative change of sigma is below ``tol`` (or ``max_iter``).
+    """Power method to convergence (or ``max_iter`` steps), in float64 by default.
 
-    Runs in float64 (``dtype`` overrides) from ``v``. Returns (iterate in v's dtype,
-    sigma, iterations used, converged flag). sigma is still an estimate from below.
+    Stops when both the relative change of sigma is below ``tol`` and the eigen-residual
+    ||A^T A v - sigma^2 v|| / sigma^2 is below tol: a small change of sigma alone
+    also happens far from the top singular vector when the top singular values are close.
+    Returns (iterate in v's dtype, sigma, iterations used, converged flag); sigma is
+    still an estimate from below.
     """
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol}")
     dt = np.float64 if dtype is None else dtype
     w_ = np.asarray(w, dtype=dt)
     x = np.asarray(v, dtype=dt)
-    x, sigma = power_steps(op, w_, x, 0)
-    for it in range(1, int(max_iter) + 1):
-        x, new = power_steps(op, w_, x, 1)
-        if abs(new - sigma) <= tol * max(abs(new), np.finfo(np.float64).tiny):
-            return x.astype(v.dtype), new, it, True
-        sigma = new
+    nx = _norm(x)
+    if nx == 0.0:
+        raise ValueError("the power iterate is zero")
+    x = x / nx
+    sigma_prev = -1.0
+    for it in range(int(max_iter) + 1):
+        u = op.apply(w_, x)
+        sigma = _norm(u)
+        if sigma == 0.0:
+            return x.astype(v.dtype), 0.0, it, True
+        z = op.adjoint(w_, u)                       # A^T A x
+        lam = sigma * sigma
+        res = _norm(z - lam * x) / lam
+        if abs(sigma - sigma_prev) <= tol * sigma and res <= tol:
+            return x.astype(v.dtype), sigma, it, True
+        if it == int(max_iter):
+            break
+        sigma_prev = sigma
+        x = z / _norm(z)
     return x.astype(v.dtype), sigma, int(max_iter), False
