@@ -11,7 +11,7 @@ Backend implementations receive already-validated inputs with ``stride`` as an
 from __future__ import annotations
 
 from . import registry
-from .checks import check_conv, check_float, check_ndim, check_same_dtype
+from .checks import check_conv, check_float, check_ndim, check_same_dtype, pair
 
 
 def _run(op, like, backend, *args):
@@ -66,7 +66,7 @@ def conv2d_grad_weight(x, gy, kernel_hw, stride=1, padding="same", backend=None)
     check_float("gy", gy)
     check_ndim("x", x, 4, "N, C, H, W")
     check_ndim("gy", gy, 4, "N, O, OH, OW")
-    kh, kw = (int(v) for v in kernel_hw)
+    kh, kw = pair(kernel_hw, "kernel_hw")
     w_shape = (int(gy.shape[1]), int(x.shape[1]), kh, kw)
     # a stand-in with the weight's shape and dtype, for the shared validation
     fake_w = _ShapeOnly(w_shape, x.dtype)

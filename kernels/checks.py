@@ -7,6 +7,7 @@ padding already resolved to four ints (top, bottom, left, right).
 from __future__ import annotations
 
 import math
+import numbers
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -35,13 +36,20 @@ def check_ndim(name: str, a, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(a.shape)}")
 
 
+def as_int(v, name: str, whole=None) -> int:
+    """``v`` as an int; TypeError for floats, bools, strings, None (no silent truncation)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v if whole is None else whole!r}")
+    return int(v)
+
+
 def pair(v, name: str) -> tuple[int, int]:
     """An int or a pair of ints as (h, w)."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+        return as_int(v[0], name, v), as_int(v[1], name, v)
+    return as_int(v, name), as_int(v, name)
 
 
 def check_stride(stride) -> tuple[int, int]:
@@ -72,7 +80,7 @@ def resolve_padding(padding, hw: tuple[int, int], khw: tuple[int, int], stride: 
             return (0, 0, 0, 0)
         raise ValueError(f"padding must be 'same', 'valid' or an int, got {padding!r}")
     if isinstance(padding, (tuple, list)) and len(padding) == 4:
-        pads = tuple(int(v) for v in padding)
+        pads = tuple(as_int(v, "padding", padding) for v in padding)
     else:
         ph, pw = pair(padding, "padding")
         pads = (ph, ph, pw, pw)
@@ -110,5 +118,7 @@ def check_conv(x_shape, w, stride, padding):
         )
     s = check_stride(stride)
     khw = (int(w.shape[2]), int(w.shape[3]))
+    if min(khw) < 1:
+        raise ValueError(f"kernel must be at least 1x1, got w of shape {tuple(w.shape)}")
     pads = resolve_padding(padding, (int(x_shape[2]), int(x_shape[3])), khw, s)
     return s, pads, conv_out_hw((x_shape[2], x_shape[3]), khw, s, pads)
