@@ -43,11 +43,14 @@ def _torus_size(n_padded: int, s: int) -> int:
     return int(math.ceil(n_padded / s) * s)
 
 
-def conv_circular_bound(w, in_hw, stride=1, padding="same") -> float:
+def conv_circular_bound(w, in_hw, stride=1, padding="same", tori=3) -> float:
     """Upper bound on the l2 norm of the zero-padded strided conv, via FFT (float64).
 
     w (O, C, kh, kw); in_hw = (H, W) the layer's real input size; stride and padding as
-    in kernels.conv2d. Returns a float >= ||A||_2 where A: R^{C*H*W} -> R^{O*OH*OW}.
+    in kernels.conv2d. Returns a float >= ||A||_2 where A: R^{C*H*W} -> R^{O*OH*OW}:
+    the smallest of the circular norms on ``tori`` torus sizes (the smallest admissible
+    one, then enlarged by s, 2s, ...: each is an upper bound, see below, and a different
+    frequency grid can land lower).
 
     Why it is an upper bound. Let (pt, pb, pl, pr) be the resolved padding and take a
     torus of size N1 x N2 with N1 >= H + pt + pb, N2 >= W + pl + pr, N1 divisible by sh
@@ -84,9 +87,17 @@ def conv_circular_bound(w, in_hw, stride=1, padding="same") -> float:
     pads = resolve_padding(padding, (h, wd), (kh, kw), (sh, sw))
     conv_out_hw((h, wd), (kh, kw), (sh, sw), pads)  # raises if the kernel does not fit
     pt, pb, pl, pr = pads
-    n1 = _torus_size(h + pt + pb, sh)
-    n2 = _torus_size(wd + pl + pr, sw)
-    m1, m2 = n1 // sh, n2 // sw
+    best = np.inf
+    for e in range(max(int(tori), 1)):
+        n1 = _torus_size(h + pt + pb, sh) + e * sh
+        n2 = _torus_size(wd + pl + pr, sw) + e * sw
+        best = min(best, _circular_norm(w, n1 // sh, n2 // sw, sh, sw))
+    return best * (1.0 + SAFETY_REL)
+
+
+def _circular_norm(w, m1, m2, sh, sw) -> float:
+    """Exact norm of the strided circular conv on an (sh*m1) x (sw*m2) torus (float64)."""
+    o, c, kh, kw = w.shape
     # polyphase kernel on the M1 x M2 torus, taps wrapping modulo the torus size
     kp = np.zeros((o, c, sh, sw, m1, m2), dtype=np.float64)
     for p in range(kh):
@@ -98,7 +109,7 @@ def conv_circular_bound(w, in_hw, stride=1, padding="same") -> float:
     what = np.fft.fft2(kp, axes=(2, 3))                     # (O, C s s, M1, M2) complex128
     mats = np.transpose(what, (2, 3, 0, 1)).reshape(m1 * m2, o, c * sh * sw)
     sv = np.linalg.svd(mats, compute_uv=False)              # (M1 M2, min(O, C s s))
-    return float(sv.max()) * (1.0 + SAFETY_REL)
+    return float(sv.max())
 
 
 # ------------------------------------------------------------ explicit operators (tests)
