@@ -67,7 +67,7 @@ def test_int_inputs_are_constants_and_no_grads(rng):
 
 def test_numerical_gradient_quadratic(rng):
     a = rng.standard_normal(4)
-    np.testing.assert_allclose(numerical_gradient(lambda v: float((v**2).sum()), a), 2 * a, rtol=1e-8)
+    np.testing.assert_allclose(numerical_gradient(lambda v: float((v**2).sum()), a), 2 * a, rtol=1e-8, atol=1e-8)
 
 
 def test_elementwise_refuses_big_inputs(rng):
