@@ -422,3 +422,60 @@ def test_emulated_power_steps(emulated, dt, monkeypatch):
             zr = w.T.astype(np.float64) @ u
             _close(z, (zr / np.linalg.norm(zr)).reshape(shape).astype(dt), dt)
             _close(np.asarray(sigma).reshape(()), np.asarray(np.linalg.norm(u), dtype=dt), dt)
+
+
+# ---------------------------------------------------------------- on a real device
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cupy", "numba_cuda"])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_gpu_paper_shapes_and_power_steps(backend, dt, monkeypatch):
+    """2C2F layer shapes (real tile/split-K plans for the device) and the power-step ops."""
+    from kernels import reference as ref
+    from kernels import registry
+    from kernels.checks import resolve_padding
+
+    why = registry.availability()[backend]
+    if why is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    import cupy
+
+    rng = np.random.default_rng()
+    op = lambda name: registry.get(name, backend)  # noqa: E731
+    host = cupy.asnumpy
+    for xs, ws in (((8, 1, 28, 28), (16, 1, 4, 4)), ((8, 16, 14, 14), (32, 16, 4, 4))):
+        x, w, b = (rng.standard_normal(s).astype(dt) for s in (xs, ws, ws[:1]))
+        s = (2, 2)
+        pads = resolve_padding("same", xs[2:], ws[2:], s)
+        dx, dw, db = (cupy.asarray(a) for a in (x, w, b))
+        y = op("conv2d")(dx, dw, db, s, pads)
+        _close(host(y), ref.conv2d(x, w, b, s, pads), dt)
+        gy = rng.standard_normal(y.shape).astype(dt)
+        dgy = cupy.asarray(gy)
+        _close(host(op("conv2d_grad_input")(dgy, dw, xs, s, pads)), ref.conv2d_grad_input(gy, w, xs, s, pads), dt)
+        _close(host(op("conv2d_grad_weight")(dx, dgy, ws, s, pads)), ref.conv2d_grad_weight(x, gy, ws, s, pads), dt)
+        # power step on this layer
+        v0 = rng.standard_normal((1,) + xs[1:])
+        v0 = (v0 / np.linalg.norm(v0)).astype(dt)
+        z, sigma = op("conv_power_step")(cupy.asarray(v0), dw, s, pads)
+        u = ref.conv2d(v0, w, None, s, pads).astype(np.float64)
+        zr = ref.conv2d_grad_input(u, w.astype(np.float64), v0.shape, s, pads)
+        _close(host(z), (zr / np.linalg.norm(zr)).astype(dt), dt)
+        _close(host(sigma).reshape(()), np.asarray(np.linalg.norm(u), dtype=dt), dt)
+
+    x, w, b = (rng.standard_normal(s).astype(dt) for s in ((256, 1568), (100, 1568), (100,)))
+    dx, dw, db = (cupy.asarray(a) for a in (x, w, b))
+    _close(host(op("dense")(dx, dw, db)), ref.dense(x, w, b), dt)
+    gy = rng.standard_normal((256, 100)).astype(dt)
+    _close(host(op("dense_grad_input")(cupy.asarray(gy), dw)), ref.dense_grad_input(gy, w), dt)
+    _close(host(op("dense_grad_weight")(dx, cupy.asarray(gy))), ref.dense_grad_weight(x, gy), dt)
+    for fused_max in ((cb.FUSED_DENSE_POWER_MAX, 0) if backend == "cupy" else (None,)):
+        if fused_max is not None:
+            monkeypatch.setattr(cb, "FUSED_DENSE_POWER_MAX", fused_max)
+        v0 = rng.standard_normal((1, 1568))
+        v0 = (v0 / np.linalg.norm(v0)).astype(dt)
+        z, sigma = op("dense_power_step")(cupy.asarray(v0), dw)
+        u = w.astype(np.float64) @ v0[0].astype(np.float64)
+        zr = w.T.astype(np.float64) @ u
+        _close(host(z), (zr / np.linalg.norm(zr)).reshape(1, -1).astype(dt), dt)
+        _close(host(sigma).reshape(()), np.asarray(np.linalg.norm(u), dtype=dt), dt)
