@@ -783,7 +783,8 @@ def bench_memory(b: Bench) -> None:
 
 def _rss_child(b, fw, arch):
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", f"{fw}:{arch}",
-           "--activation", b.args.activation, "--threads", str(b.args.threads)]
+           "--activation", b.args.activation, "--threads", str(b.args.threads),
+           "--batch", str(BATCH)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -862,15 +863,16 @@ COLS = [
     ("ours_over_torch", "/torch", ">"), ("compile_s", "compile s", ">"),
     ("mb_per_instance", "MB/inst", ">"), ("note", "note", "<"),
 ]
-SECTIONS = [
-    ("compile", "warm-up (first calls, excluded from medians)"),
-    ("kernels", f"1. kernels, batch {BATCH}, float32"),
-    ("step", f"2-3. training step, batch {BATCH} (gloro: power iterations + ⊥ + CE on m+1; standard: CE)"),
-    ("overhead", "3. GloRo overhead"),
-    ("inference", "4. inference (frozen K)"),
-    ("scaling", "5. scaling (2C2F GloRo step)"),
-    ("memory", "6. peak memory per training instance"),
-]
+def sections():
+    return [
+        ("compile", "warm-up (first calls, excluded from medians)"),
+        ("kernels", f"1. kernels, batch {BATCH}, float32"),
+        ("step", f"2-3. training step, batch {BATCH} (gloro: power iterations + ⊥ + CE on m+1; standard: CE)"),
+        ("overhead", "3. GloRo overhead"),
+        ("inference", "4. inference (frozen K)"),
+        ("scaling", "5. scaling (2C2F GloRo step)"),
+        ("memory", "6. peak memory per training instance"),
+    ]
 
 
 def _fmt(key, v):
@@ -893,7 +895,7 @@ def _fmt(key, v):
 
 def render_table(b: Bench) -> str:
     rows = []
-    for wl, title in SECTIONS:
+    for wl, title in sections():
         recs = [r for r in b.records if r["workload"] == wl]
         if not recs:
             continue
@@ -954,6 +956,8 @@ def parse_args(argv=None):
                                                                 "(default: all cores)")
     p.add_argument("--activation", default="relu", choices=["relu", "minmax"])
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
+    p.add_argument("--batch", type=int, default=256,
+                   help="batch of the kernel and training-step workloads (the paper's: 256)")
     p.add_argument("--ref-batch", type=int, default=2, help="batch for the slow reference backend")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
@@ -967,6 +971,8 @@ def parse_args(argv=None):
         a.threads = os.cpu_count() or 1
     if a.threads < 1:
         p.error("--threads must be >= 1")
+    if a.batch < 1:
+        p.error("--batch must be >= 1")
     if a.ref_batch < 1:
         p.error("--ref-batch must be >= 1")
     # repeat counts and time budgets per mode
@@ -985,8 +991,9 @@ def _set_threads(n: int) -> None:
 
 
 def main(argv=None) -> int:
-    global np
+    global np, BATCH
     a = parse_args(argv)
+    BATCH = a.batch
     _set_threads(a.threads)
     if a.backend and len(a.backend) == 1:
         os.environ["GLORO_BACKEND"] = a.backend[0]
@@ -994,7 +1001,7 @@ def main(argv=None) -> int:
 
     np = numpy
     if a.mem_child:
-        mem_child(a.mem_child, a.activation)
+        mem_child(a.mem_child, a.activation)  # uses BATCH
         return 0
 
     b = Bench(a)
