@@ -141,11 +141,15 @@ class Tensor:
         self.grad = None
 
     # ------------------------------------------------------------ backward
-    def backward(self, grad=None) -> None:
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) * grad into ``.grad`` of every leaf below.
 
         grad: upstream gradient of ``self``'s shape (array, Tensor or scalar);
         optional only when ``self`` has one element (then 1).
+        retain_graph: keep the graph for another backward. By default each op's
+        saved arrays are released as the sweep passes it (as in PyTorch), so a
+        training loop never holds two steps' activations at once; a second
+        backward through a released op raises RuntimeError.
         """
         if not self.requires_grad:
             raise RuntimeError(
@@ -182,7 +186,10 @@ class Tensor:
             if node._backward is None:
                 continue
             pgrads = node._backward(g)
-            for p, gp in zip(node._parents, pgrads):
+            parents = node._parents
+            if not retain_graph:
+                node._backward, node._parents = _released, ()
+            for p, gp in zip(parents, pgrads):
                 if gp is None or not p.requires_grad:
                     continue
                 if gp.shape != p.data.shape or gp.dtype != p.dtype:
@@ -295,6 +302,13 @@ def make_result(data, parents: tuple, backward, op: str) -> Tensor:
         out._backward = backward
         out._op = op
     return out
+
+
+def _released(g):
+    raise RuntimeError(
+        "backward through a graph that was already released by an earlier backward(); "
+        "pass retain_graph=True to the first backward() to go through it twice"
+    )
 
 
 def _toposort(root: Tensor) -> list:

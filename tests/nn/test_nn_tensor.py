@@ -212,3 +212,43 @@ def test_enable_grad_inside_no_grad(rng):
         with nn.enable_grad():
             y = x * 2.0
     assert y.requires_grad
+
+
+def test_graph_released_after_backward(rng):
+    a = rng.standard_normal(3)
+    x = leaf(a)
+    h = F.exp(x * 2.0)
+    loss = h.sum()
+    loss.backward()
+    assert h._parents == () and loss._parents == ()  # saved arrays are dropped
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        (h * 3.0).sum().backward()  # a new graph through a released op
+
+
+def test_retain_graph_allows_second_backward(rng):
+    a = rng.standard_normal(3)
+    x = leaf(a)
+    loss = (F.exp(x) * x).sum()
+    loss.backward(retain_graph=True)
+    g1 = x.grad.copy()
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 2 * g1, rtol=1e-15)
+    np.testing.assert_allclose(g1, np.exp(a) * (1 + a), rtol=1e-13)
+
+
+def test_released_graph_frees_activations(rng):
+    import gc
+    import weakref
+
+    x = leaf(rng.standard_normal((4, 4)))
+    h = F.relu(x * 2.0)
+    probe = weakref.ref(h.data)
+    out = (h * 3.0).sum()
+    del h
+    gc.collect()
+    assert probe() is not None  # held by the graph (the mul saved it)
+    out.backward()
+    gc.collect()
+    assert probe() is None  # released with the graph, while ``out`` is still alive
