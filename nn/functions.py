@@ -541,24 +541,29 @@ def relu(x) -> Tensor:
 
 
 def l2_norm(x, axis=None, keepdims=False) -> Tensor:
-    """sqrt(sum x^2) over ``axis``.
+    """sqrt(sum x^2) over ``axis``, computed as m sqrt(sum (x/m)^2) with m = max|x|.
 
-    Gradient x / ||x||. Where ||x|| is exactly 0 the gradient is 0: a valid
-    subgradient (0 lies in the unit ball, the subdifferential there), and
+    The scaling keeps tiny (float32 underflow of x^2) and huge (overflow) entries
+    exact. Gradient x / ||x||. Where ||x|| is exactly 0 the gradient is 0: a
+    valid subgradient (0 lies in the unit ball, the subdifferential there), and
     never NaN.
     """
     x = as_tensor(x)
     xp = array_module(x.data)
     axes = _norm_axes(axis, x.ndim)
-    nk = xp.sqrt((x.data * x.data).sum(axis=axes, keepdims=True))
+    amax = xp.abs(x.data).max(axis=axes, keepdims=True) if x.size else xp.zeros((), dtype=x.dtype)
+    nz = amax > 0
+    scale = xp.where(nz, amax, xp.ones((), dtype=x.dtype))
+    xs = x.data / scale
+    nk = scale * xp.sqrt((xs * xs).sum(axis=axes, keepdims=True))
+    nk = xp.where(nz, nk, xp.zeros((), dtype=x.dtype))
     out = nk if keepdims else nk.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
 
-    def backward(g):
+    def backward(g):  # d||x|| = <x, dx> / ||x||  (0 where ||x|| = 0)
         gk = g.reshape(nk.shape)
-        nz = nk > 0
-        safe = xp.where(nz, nk, xp.ones((), dtype=nk.dtype))
-        scale = xp.where(nz, gk / safe, xp.zeros((), dtype=nk.dtype))
-        return (x.data * scale,)
+        pos = nk > 0
+        safe = xp.where(pos, nk, xp.ones((), dtype=nk.dtype))
+        return (x.data * xp.where(pos, gk / safe, xp.zeros((), dtype=nk.dtype)),)
 
     return make_result(out, (x,), backward, "l2_norm")
 

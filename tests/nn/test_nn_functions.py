@@ -377,3 +377,16 @@ def test_float32_stays_float32(rng, name):
     assert y.dtype == np.float32
     y.backward(np.ones(y.shape, np.float32))
     assert x.grad.dtype == np.float32 and np.isfinite(x.grad).all()
+
+
+def test_l2_norm_tiny_and_huge_float32(rng):
+    a = rng.standard_normal((3, 5))
+    for scale in (1e-25, 1e25):
+        x32 = (a * scale).astype(np.float32)
+        want = np.linalg.norm(x32.astype(np.float64), axis=1)
+        x = Tensor(x32, requires_grad=True)
+        out = F.l2_norm(x, axis=1)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out.data, want, rtol=1e-5)
+        out.backward(np.ones(3, np.float32))
+        np.testing.assert_allclose(x.grad, x32.astype(np.float64) / want[:, None], rtol=1e-5, atol=1e-7)
