@@ -531,11 +531,10 @@ def relu(x) -> Tensor:
     """max(x, 0); the gradient at exactly 0 is 0."""
     x = as_tensor(x)
     xp = array_module(x.data)
-    pos = x.data > 0
-    out = xp.where(pos, x.data, xp.zeros((), dtype=x.dtype))
+    out = xp.maximum(x.data, _scalar(0, x.dtype))  # NaN propagates (a where() would hide it)
 
-    def backward(g):
-        return (xp.where(pos, g, xp.zeros((), dtype=g.dtype)),)
+    def backward(g):  # out > 0 exactly where x > 0: no mask kept alive
+        return (xp.where(out > 0, g, xp.zeros((), dtype=g.dtype)),)
 
     return make_result(out, (x,), backward, "relu")
 

@@ -390,3 +390,10 @@ def test_l2_norm_tiny_and_huge_float32(rng):
         np.testing.assert_allclose(out.data, want, rtol=1e-5)
         out.backward(np.ones(3, np.float32))
         np.testing.assert_allclose(x.grad, x32.astype(np.float64) / want[:, None], rtol=1e-5, atol=1e-7)
+
+
+def test_nan_propagates_through_relu():
+    a = np.array([[np.nan, 1.0, -1.0, 2.0]])
+    assert np.isnan(F.relu(Tensor(a)).data[0, 0])
+    loss = F.sum(F.relu(Tensor(a, requires_grad=True)))
+    assert np.isnan(loss.item())

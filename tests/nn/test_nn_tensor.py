@@ -112,7 +112,7 @@ def test_scalar_and_array_operands_keep_dtype(rng, dtype):
     x = leaf(rng.standard_normal((2, 3)).astype(dtype))
     other = rng.standard_normal((2, 3))  # float64 array: must be cast down, not upcast x
     outs = [x + 1.5, 1.5 + x, x - other, other - x, x * 2.0, 2.0 * x, x / 3.0, 3.0 / (x * x + 1.0),
-            -x, x ** 2, x @ other.T, x.T @ other, x + np.int64(2)]
+            -x, x ** 2, x @ other.T, x.T @ other, x + np.int64(2), np.float64(2.0) * x, other[:1] - x]
     for o in outs:
         assert o.dtype == dtype, o
     sum(o.sum() for o in outs).backward()
