@@ -385,3 +385,41 @@ def test_adam_update(backend, dtype, rng):
         got = to_host(got)
         assert got.dtype == dtype, name
         np.testing.assert_allclose(got, want, rtol=r, atol=r * np.abs(want).max(), err_msg=name)
+
+
+# ---------------------------------------------------------------- numpy backend: chunks and scratch
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 64], ids=["1/chunk", "2/chunk-ragged", "1chunk"])
+@pytest.mark.parametrize("case", [CONV[2], CONV[4], CONV[8], CONV[11]])  # pytest unwraps the params
+def test_numpy_chunk_boundaries(monkeypatch, case, per_chunk, rng):
+    """Batches split into 1-sample, ragged 2-sample and single chunks agree with the oracle."""
+    from kernels import numpy_backend
+
+    n, c, h, wd, o, kh, kw, s, p = case
+    case = (5, c, h, wd, o, kh, kw, s, p)
+    x, w, b, s, p = _conv_inputs(rng, case, np.float64)
+    g = numpy_backend._Geom(x.shape, w.shape, s if isinstance(s, tuple) else (s, s),
+                            kernels.resolve_padding(p, (h, wd), (kh, kw), s if isinstance(s, tuple) else (s, s)))
+    monkeypatch.setattr(numpy_backend, "CHUNK_BYTES", per_chunk * g.k * g.t * 8)
+    assert g.chunk(5, 8) == min(per_chunk, 5)
+    y = call("conv2d", "numpy", x, w, b, s, p)
+    assert_close(y, _ref("conv2d", x, w, b, s, p), _ref("conv2d", np.abs(x), np.abs(w), np.abs(b), s, p), 1e-10, "conv2d")
+    gy = rng.standard_normal(y.shape)
+    assert_close(call("conv2d_grad_input", "numpy", gy, w, x.shape, s, p), _ref("conv2d_grad_input", gy, w, x.shape, s, p),
+                 _ref("conv2d_grad_input", np.abs(gy), np.abs(w), x.shape, s, p), 1e-10, "grad_input")
+    assert_close(call("conv2d_grad_weight", "numpy", x, gy, (kh, kw), s, p), _ref("conv2d_grad_weight", x, gy, (kh, kw), s, p),
+                 _ref("conv2d_grad_weight", np.abs(x), np.abs(gy), (kh, kw), s, p), 1e-10, "grad_weight")
+
+
+def test_numpy_scratch_reuse_leaves_no_stale_data(rng):
+    """Big, then small, then big again through the same scratch buffers (both dtypes)."""
+    for dtype in (np.float64, np.float32, np.float64):
+        for case in (CONV_CASES[11], CONV_CASES[0], CONV_CASES[6], CONV_CASES[11]):
+            x, w, b, s, p = _conv_inputs(rng, case, dtype)
+            y = call("conv2d", "numpy", x, w, b, s, p)
+            mag = _ref("conv2d", np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(b).astype(np.float64), s, p)
+            assert_close(y, _ref("conv2d", x, w, b, s, p), mag, RTOL[dtype], f"conv2d {case}")
+            gy = _normal(rng, y.shape, dtype)
+            gx = call("conv2d_grad_input", "numpy", gy, w, x.shape, s, p)
+            mag = _ref("conv2d_grad_input", np.abs(gy).astype(np.float64), np.abs(w).astype(np.float64), x.shape, s, p)
+            assert_close(gx, _ref("conv2d_grad_input", gy, w, x.shape, s, p), mag, RTOL[dtype], f"grad_input {case}")
