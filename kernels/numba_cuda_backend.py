@@ -25,6 +25,7 @@ GPU. ``host_call(op, *numpy_arrays, ...)`` runs an op on NumPy inputs through
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -37,6 +38,11 @@ except Exception as _exc:  # pragma: no cover - depends on the machine
     _IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
 else:
     _IMPORT_ERROR = None
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+        # the power-step norms are deliberate one-block launches: no warning per call
+        from numba import config as _config
+
+        _config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 TILE = 16  # GEMM tile edge: TILE x TILE threads per block
 EW_THREADS = 256
