@@ -22,6 +22,8 @@ left, right).
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
 from .registry import register
@@ -45,13 +47,34 @@ def availability() -> str | None:
 
 # Elements of one im2col chunk: ~4 MiB of float32 (K*nb*P <= this, nb >= 1).
 _CHUNK_ELEMS = 1 << 20
+# Loops moving fewer elements than this run serially: a parallel launch costs more than
+# it saves on them (the power method's batch-1 iterates), and it hands the cores back and
+# forth with BLAS's threads.
+_PAR_MIN_ELEMS = 1 << 18
 
-_JIT = dict(parallel=True, cache=True)
+
+class _Twin:
+    """One loop nest compiled twice: ``par`` (parallel=True) and ``ser`` (prange = range).
+
+    ``twin(work, *args)`` runs ``par`` when ``work`` >= _PAR_MIN_ELEMS, else ``ser``. The
+    serial copy gets its own qualified name so the two on-disk caches do not collide.
+    """
+
+    def __init__(self, fn):
+        ser = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+        ser.__qualname__ = fn.__qualname__ + "_serial"
+        ser.__doc__ = fn.__doc__
+        self.par = njit(parallel=True, cache=True)(fn)
+        self.ser = njit(cache=True)(ser)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, work, *args):
+        return (self.par if work >= _PAR_MIN_ELEMS else self.ser)(*args)
 
 
 # ---------------------------------------------------------------- conv helpers (jitted)
 
-@njit(**_JIT)
+@_Twin
 def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
     """x (N, C, H, W) -> cols (C*kh*kw, nb*OH*OW) for samples n0 .. n0+nb-1 (zero padding)."""
     _, c_in, h, w = x.shape
@@ -83,7 +106,7 @@ def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
                     cols[r, col0 + j] = 0
 
 
-@njit(**_JIT)
+@_Twin
 def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
     """Adjoint of _im2col: gx[n0+m] = sum of gcols entries over the patches that read each pixel.
 
@@ -112,7 +135,7 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
                         plane[hi, j * sw + q - pl] += gcols[r, col0 + j]
 
 
-@njit(**_JIT)
+@_Twin
 def _cols_to_nchw(ymat, n0, y, b, has_bias):
     """ymat (O, nb*P) -> y[n0+m, o, :] = ymat[o, m*P:(m+1)*P] (+ b[o]); y is (N, O, P)."""
     o_sz = y.shape[1]
@@ -126,7 +149,7 @@ def _cols_to_nchw(ymat, n0, y, b, has_bias):
             y[n0 + m, o, k] = ymat[o, m * p_sz + k] + bo
 
 
-@njit(**_JIT)
+@_Twin
 def _nchw_to_cols(g, n0, gmat):
     """g (N, O, P) -> gmat (O, nb*P) with gmat[o, m*P + k] = g[n0+m, o, k]."""
     o_sz = g.shape[1]
@@ -139,7 +162,7 @@ def _nchw_to_cols(g, n0, gmat):
             gmat[o, m * p_sz + k] = g[n0 + m, o, k]
 
 
-@njit(**_JIT)
+@_Twin
 def _add_bias(y, b):
     """y (N, O, P) += b[o], in place."""
     n_sz, o_sz, p_sz = y.shape
@@ -153,7 +176,7 @@ def _add_bias(y, b):
 
 # ---------------------------------------------------------------- MinMax (jitted)
 
-@njit(**_JIT)
+@_Twin
 def _minmax(x, y):
     """x, y (N, C, S): channels (2k, 2k+1) -> (min, max); a NaN in a pair gives (NaN, NaN)."""
     n_sz, c_sz, s_sz = x.shape
@@ -175,7 +198,7 @@ def _minmax(x, y):
                 y[n, k2 + 1, s] = a + b
 
 
-@njit(**_JIT)
+@_Twin
 def _minmax_grad(x, gy, gx):
     """x, gy, gx (N, C, S): gy[2k] to the argmin, gy[2k+1] to the argmax; ties keep order."""
     n_sz, c_sz, s_sz = x.shape
@@ -223,15 +246,15 @@ def conv2d(x, w, b, stride, pads):
     for n0 in range(0, n, nb):
         m = min(nb, n - n0)
         cm = cols if m == nb else np.empty((k, m * p), dtype=x.dtype)  # last, shorter chunk
-        _im2col(x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        _im2col(cm.size, x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
         if nb == 1:
             np.dot(wmat, cm, out=y[n0])  # (O, P) is the sample itself
         else:
             ym = ymat if m == nb else np.empty((o, m * p), dtype=x.dtype)
             np.dot(wmat, cm, out=ym)
-            _cols_to_nchw(ym, n0, y, bias, b is not None)
+            _cols_to_nchw(ym.size, ym, n0, y, bias, b is not None)
     if nb == 1 and b is not None:
-        _add_bias(y, bias)
+        _add_bias(y.size, y, bias)
     return y.reshape(n, o, oh, ow)
 
 
@@ -258,9 +281,9 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
         else:
             gm, gc = np.empty((o, m * p), dtype=gy.dtype), np.empty((k, m * p), dtype=gy.dtype)
         if nb > 1:
-            _nchw_to_cols(g3, n0, gm)
+            _nchw_to_cols(gm.size, g3, n0, gm)
         np.dot(wmat_t, gm, out=gc)
-        _col2im(gc, n0, gx, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        _col2im(gc.size, gc, n0, gx, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
     return gx
 
 
@@ -285,9 +308,9 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
             cm, gm = cols, (gmat if nb > 1 else g3[n0])
         else:
             cm, gm = np.empty((k, m * p), dtype=x.dtype), np.empty((o, m * p), dtype=x.dtype)
-        _im2col(x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        _im2col(cm.size, x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
         if nb > 1:
-            _nchw_to_cols(g3, n0, gm)
+            _nchw_to_cols(gm.size, g3, n0, gm)
         if n0 == 0:
             np.dot(gm, cm.T, out=gw)
         else:
@@ -328,7 +351,7 @@ def minmax(x):
     """x (N, C, ...) with C even -> same shape; channels (2k, 2k+1) become (min, max)."""
     x3 = _as3(x)
     y = np.empty_like(x3)
-    _minmax(x3, y)
+    _minmax(x3.size, x3, y)
     return y.reshape(x.shape)
 
 
@@ -338,5 +361,5 @@ def minmax_grad(x, gy):
     x3 = _as3(x)
     g3 = _as3(gy)
     gx = np.empty_like(g3)
-    _minmax_grad(x3, g3, gx)
+    _minmax_grad(x3.size, x3, g3, gx)
     return gx.reshape(x.shape)

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(
     ],
 )
 @pytest.mark.parametrize("per_chunk", [1, 2, 64])  # samples per im2col chunk: in-place, ragged, whole batch
-def test_conv_adjoint_identity(monkeypatch, shape, o, k, stride, padding, per_chunk):
+@pytest.mark.parametrize("par_min", [0, 1 << 62], ids=["parallel", "serial"])  # which compiled twin runs
+def test_conv_adjoint_identity(monkeypatch, shape, o, k, stride, padding, per_chunk, par_min):
     """<A x, y> == <x, A^T y> and <dA/dw . x, y> == <w, grad_weight> in float64."""
     monkeypatch.setattr(numba_backend, "_chunk", lambda n, k_sz, p_sz: min(n, per_chunk))
+    monkeypatch.setattr(numba_backend, "_PAR_MIN_ELEMS", par_min)
     rng = np.random.default_rng()
     x = rng.standard_normal(shape)
     w = rng.standard_normal((o, shape[1], k, k))
@@ -68,8 +70,10 @@ def test_float32_stays_float32():
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_minmax_nan_and_ties():
+@pytest.mark.parametrize("par_min", [0, 1 << 62], ids=["parallel", "serial"])
+def test_minmax_nan_and_ties(monkeypatch, par_min):
     """A NaN in a pair poisons both outputs (as np.minimum/np.maximum); ties route in order."""
+    monkeypatch.setattr(numba_backend, "_PAR_MIN_ELEMS", par_min)
     x = np.array([[1.0, np.nan, 2.0, 2.0, 3.0, -1.0]])
     y = kernels.minmax(x, backend="numba")
     assert np.isnan(y[0, :2]).all()
