@@ -168,14 +168,15 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw) = sum over chunks of gy2 @ cols.T."""
     g = _Geom(x.shape, w_shape, stride, pads)
     n = x.shape[0]
-    gw = np.zeros((g.o, g.k), dtype=x.dtype)
-    part = _scratch("gw", (g.o, g.k), x.dtype)
+    # accumulated transposed: cols @ gy2.T ran ~1.25x faster in OpenBLAS than gy2 @ cols.T
+    gwt = np.zeros((g.k, g.o), dtype=x.dtype)
+    part = _scratch("gw", (g.k, g.o), x.dtype)
     step = g.chunk(n, x.itemsize)
     for n0 in range(0, n, step):
         cols = _im2col(x[n0:n0 + step], g)
-        np.matmul(_gy_wide(gy[n0:n0 + step], g), cols.T, out=part)
-        gw += part
-    return gw.reshape(w_shape)
+        np.matmul(cols, _gy_wide(gy[n0:n0 + step], g).T, out=part)
+        gwt += part
+    return np.ascontiguousarray(gwt.T).reshape(w_shape)
 
 
 @register("conv2d_grad_input", "numpy")
