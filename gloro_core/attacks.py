@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.registry import is_gpu_array
 from nn import functions as F
 from nn.tensor import Tensor
 
 
+def _host(a):
+    return a.get() if is_gpu_array(a) else np.asarray(a)
+
+
 def _input_grad(net, xa, y):
     """(per-example CE (n,), d sum CE / d x) at xa (model dtype)."""
-    xt = Tensor(xa, requires_grad=True)
+    xt = Tensor(net.xp.asarray(xa), requires_grad=True)
     logits = net.forward(xt)
     ce = -F.gather(F.log_softmax(logits, axis=1), y)
     F.sum(ce).backward()
-    return ce.data.astype(np.float64), xt.grad.astype(np.float64)
+    return _host(ce.data).astype(np.float64), _host(xt.grad).astype(np.float64)
 
 
 def _norms(d):
@@ -37,9 +42,9 @@ def pgd_l2(net, x, y, eps, steps=40, step_size=None, restarts=1, rng=None, seed=
     """Adversarial examples for ``net`` within ||x' - x||_2 <= eps.
 
     x (n, *input_shape); eps a scalar or per-example (n,); y (n,) int labels (use the
-    predicted classes to attack the prediction); step_size default 2.5 eps / steps; restarts >= 1 (the first starts at x,
-    the others uniformly in the ball); clip: (lo, hi) box or None. Returns x' in the
-    model dtype, per example the first restart that flips argmax f, else the one with
+    predicted classes to attack the prediction); step_size default 2.5 eps / steps;
+    restarts >= 1 (the first starts at x, the others uniformly in the ball); clip: (lo, hi)
+    box or None. Returns x' as a NumPy array of the model dtype, per example the first restart that flips argmax f, else the one with
     the largest loss.
     """
     eps_arr = np.asarray(eps, dtype=np.float64)
@@ -47,7 +52,7 @@ def pgd_l2(net, x, y, eps, steps=40, step_size=None, restarts=1, rng=None, seed=
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
-    xd, _ = net._check_x(x)
+    xd = _host(net._check_x(x)[0])
     y = net._check_labels(y, xd.shape[0])
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(seed)
     x64 = xd.astype(np.float64)

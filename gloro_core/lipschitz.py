@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import kernels
+from kernels.registry import array_module
 from kernels.checks import check_stride, conv_out_hw, resolve_padding
 
 from . import bounds
@@ -82,8 +83,8 @@ class LinearOp:
 
 def _norm(a) -> float:
     """l2 norm accumulated in float64 (a float32 sum of squares could overflow/underflow)."""
-    a64 = a.astype(np.float64, copy=False)
-    return float(np.sqrt(np.vdot(a64.ravel(), a64.ravel()).real))
+    a64 = a.astype(np.float64, copy=False).ravel()
+    return float(array_module(a).sqrt(a64 @ a64))
 
 
 def init_iterate(op: LinearOp, rng, dtype=np.float32):
@@ -127,8 +128,9 @@ def converge(op: LinearOp, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol}")
     dt = np.float64 if dtype is None else dtype
-    w_ = np.asarray(w, dtype=dt)
-    x = np.asarray(v, dtype=dt)
+    xp = array_module(w)
+    w_ = xp.asarray(w, dtype=dt)
+    x = xp.asarray(v, dtype=dt)
     nx = _norm(x)
     if nx == 0.0:
         raise ValueError("the power iterate is zero")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.registry import array_module, is_gpu_array
 from nn import functions as F
 from nn.tensor import Tensor
 
@@ -25,9 +26,10 @@ _EXPLICIT_DIFF_MAX = 1 << 25
 
 
 def predicted_class(y) -> np.ndarray:
-    """argmax by index (first maximum) of raw logits (n, m) -> (n,) int64."""
+    """argmax by index (first maximum) of raw logits (n, m) -> (n,) int64 NumPy array."""
     data = y.data if isinstance(y, Tensor) else y
-    return np.asarray(data).argmax(axis=1)
+    j = data.argmax(axis=1)
+    return j.get() if is_gpu_array(j) else np.asarray(j)
 
 
 def pair_norms(w: Tensor, j: np.ndarray) -> Tensor:
@@ -37,23 +39,26 @@ def pair_norms(w: Tensor, j: np.ndarray) -> Tensor:
     set before the norm so no gradient is ever taken of a zero norm.
     """
     m, d = w.shape
+    xp = array_module(w.data)
     uj, inv = np.unique(j, return_inverse=True)
+    inv = inv.reshape(-1)
     eye = np.zeros((len(uj), m), dtype=bool)
     eye[np.arange(len(uj)), uj] = True
     if len(uj) * m * d <= _EXPLICIT_DIFF_MAX:
-        diff = F.reshape(w[uj], (len(uj), 1, d)) - F.reshape(w, (1, m, d))     # (|J|, m, d)
+        diff = F.reshape(w[xp.asarray(uj)], (len(uj), 1, d)) - F.reshape(w, (1, m, d))  # (|J|, m, d)
         diff = F.where(eye[:, :, None], np.ones((), dtype=w.dtype), diff)
         norms = F.l2_norm(diff, axis=2)                                        # (|J|, m)
     else:
         g = F.matmul(w, F.transpose(w))                                        # (m, m)
         diag = np.eye(m, dtype=bool)
         gd = F.sum(F.where(diag, g, np.zeros((), dtype=w.dtype)), axis=1)       # (m,) ||w_i||^2
-        sq = F.reshape(gd[uj], (len(uj), 1)) + F.reshape(gd, (1, m)) - 2.0 * g[uj]
-        ok = (sq.data > 0) & ~eye
+        ujd = xp.asarray(uj)
+        sq = F.reshape(gd[ujd], (len(uj), 1)) + F.reshape(gd, (1, m)) - 2.0 * g[ujd]
+        ok = (sq.data > 0) & xp.asarray(~eye)
         sq = F.where(ok, sq, np.ones((), dtype=w.dtype))
         norms = F.where(ok, F.sqrt(sq), np.zeros((), dtype=w.dtype))
         norms = F.where(eye, np.ones((), dtype=w.dtype), norms)
-    return norms[inv]
+    return norms[xp.asarray(inv)]
 
 
 def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "margin") -> Tensor:
@@ -68,7 +73,7 @@ def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "marg
         kij = pair_norms(w_last, j) * k_sub                                   # (n, m)
     else:
         ki = F.l2_norm(w_last, axis=1) * k_sub                                 # (m,)
-        kj = F.reshape(ki[j], (n, 1))
+        kj = F.reshape(ki[array_module(w_last.data).asarray(j)], (n, 1))
         kij = F.reshape(ki, (1, m)) + kj
     cand = y + kij * eps
     cand = F.where(is_j, np.array(-np.inf, dtype=y.dtype), cand)

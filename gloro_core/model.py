@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 import kernels
+from kernels.registry import array_module, is_gpu_array
 from nn import functions as F
 from nn import init as nn_init
 from nn.tensor import Parameter, Tensor, no_grad
@@ -39,6 +40,11 @@ ACTIVATIONS = ("relu", "minmax")
 INITS = {"glorot_uniform": "glorot_uniform", "glorot": "glorot_uniform", "orthogonal": "orthogonal"}
 DEFAULT_POWER_ITERS = 5
 DEFAULT_MAX_ITER = 2000
+
+
+def _host(a):
+    """A NumPy array from a NumPy or CuPy array."""
+    return a.get() if is_gpu_array(a) else a
 
 
 def _check_eps(eps) -> float:
@@ -152,6 +158,7 @@ class GloroNet:
             b = np.zeros((op.w_shape[0],), dtype=self.dtype)
             self.params.append((Parameter(w, name=f"param.{i}.weight"), Parameter(b, name=f"param.{i}.bias")))
         self.iterates = [init_iterate(op, rng, self.dtype) for op in self.ops]
+        self.last_certification = None
         self._frozen = None      # dict of frozen Lipschitz numbers (see update_lipschitz)
         self._provable_cache = {}  # layer index -> (weight digest, bound, method)
 
@@ -175,33 +182,64 @@ class GloroNet:
     def num_layers(self) -> int:
         return len(self.ops)
 
+    @property
+    def xp(self):
+        """numpy or cupy: where the parameters live."""
+        return array_module(self.params[0][0].data)
+
+    @property
+    def device(self) -> str:
+        return "gpu" if is_gpu_array(self.params[0][0].data) else "cpu"
+
+    def to(self, device: str) -> "GloroNet":
+        """Move parameters and power iterates to "cpu" (NumPy) or "gpu" (CuPy); returns self.
+
+        Inputs may then be NumPy or CuPy arrays; logits/certify still return NumPy arrays.
+        """
+        dev = str(device).lower()
+        if dev not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if dev == "gpu":
+            import cupy
+
+            conv = cupy.asarray
+        else:
+            conv = _host
+        for w, b in self.params:
+            w.data, b.data = conv(w.data), conv(b.data)
+            w.grad = b.grad = None
+        self.iterates = [conv(v) for v in self.iterates]
+        return self
+
     def _weight_digest(self, i) -> str:
-        w = np.ascontiguousarray(self.params[i][0].data)
+        w = np.ascontiguousarray(_host(self.params[i][0].data))
         return hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest() + str(w.dtype) + str(w.shape)
 
     def weights_version(self) -> str:
         """A hash of every weight (biases do not enter K): the frozen-K cache key."""
         h = hashlib.blake2b(digest_size=16)
         for w, _ in self.params:
-            h.update(np.ascontiguousarray(w.data).tobytes())
+            h.update(np.ascontiguousarray(_host(w.data)).tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ input checks
     def _check_x(self, x, name="x"):
-        """x as the model dtype, shape (n, *input_shape); plus the float64 original."""
+        """x as the model dtype on the model's device, shape (n, *input_shape); plus the original."""
         if isinstance(x, Tensor):
             x = x.data
-        x = np.asarray(x)
+        x = x if is_gpu_array(x) else np.asarray(x)
         if x.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}")
-        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        xp = self.xp
+        x = xp.asarray(x)
+        if not bool(xp.all(xp.isfinite(x))):
             raise ValueError(f"{name} contains NaN or inf")
-        return np.ascontiguousarray(x, dtype=self.dtype), x
+        return xp.ascontiguousarray(x, dtype=self.dtype), x
 
     def _check_labels(self, y, n):
-        y = np.asarray(y)
+        y = np.asarray(_host(y))
         if y.shape != (n,) or y.dtype.kind not in "iu":
             raise ValueError(f"labels must be ints of shape ({n},), got dtype {y.dtype} shape {y.shape}")
         if n and (y.min() < 0 or y.max() >= self.num_classes):
@@ -228,9 +266,9 @@ class GloroNet:
         return h
 
     def logits(self, x) -> np.ndarray:
-        """f(x): (n, m) array of the model dtype."""
+        """f(x): (n, m) NumPy array of the model dtype."""
         with no_grad():
-            return self.forward(x).data
+            return _host(self.forward(x).data)
 
     # ------------------------------------------------------------------ training K
     def power_update(self, iters: int):
@@ -251,7 +289,7 @@ class GloroNet:
     def k_sub_tensor(self) -> Tensor:
         """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor)."""
         sig = self.layer_sigmas()[:-1]
-        k = Tensor(np.ones((), dtype=self.dtype))
+        k = Tensor(self.xp.ones((), dtype=self.dtype))
         for s in sig:
             k = k * s
         return k
@@ -299,7 +337,7 @@ class GloroNet:
         val.backward()
         grads = {}
         for name, p in self.named_parameters():
-            grads[name] = p.grad.copy() if p.grad is not None else np.zeros_like(p.data)
+            grads[name] = _host(p.grad).copy() if p.grad is not None else np.zeros(p.shape, p.dtype)
         self.zero_grad()
         return float(val.item()), grads
 
@@ -312,7 +350,7 @@ class GloroNet:
         power, iters, conv = [], [], []
         for i, op in enumerate(self.ops):
             v, s, it, ok = converge(op, self.params[i][0].data, self.iterates[i], tol, max_iter)
-            self.iterates[i] = np.ascontiguousarray(v, dtype=self.dtype)
+            self.iterates[i] = self.xp.ascontiguousarray(v, dtype=self.dtype)
             power.append(s)
             iters.append(it)
             conv.append(ok)
@@ -325,7 +363,7 @@ class GloroNet:
             dig = self._weight_digest(i)
             hit = self._provable_cache.get(i)
             if hit is None or hit[0] != dig:
-                bound, method = op.provable(self.params[i][0].data)
+                bound, method = op.provable(_host(self.params[i][0].data))
                 hit = (dig, bound, method)
                 self._provable_cache[i] = hit
             prov.append(hit[1])
@@ -384,40 +422,41 @@ class GloroNet:
         |x - fl32(x)| at the input.
         """
         xd, xorig = self._check_x(x)
+        xp = self.xp
         u = float(np.finfo(self.dtype).eps) / 2.0
-        e = np.abs(xorig.astype(np.float64) - xd.astype(np.float64))
+        e = xp.abs(xorig.astype(np.float64) - xd.astype(np.float64))
         h = xd
         last = self.num_layers - 1
         for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
             wd, bd = w.data, b.data
             fan = int(np.prod(op.w_shape[1:])) + 1
             gamma = fan * u / (1.0 - fan * u)
-            aw = np.abs(wd.astype(np.float64))
-            src = e + gamma * np.abs(h.astype(np.float64))
+            aw = xp.abs(wd.astype(np.float64))
+            src = e + gamma * xp.abs(h.astype(np.float64))
             if op.kind == "conv":
                 h = kernels.conv2d(h, wd, bd, op.stride, op.padding)
                 e = kernels.conv2d(src, aw, None, op.stride, op.padding)
-                e += (gamma * np.abs(bd.astype(np.float64)))[None, :, None, None]
+                e += (gamma * xp.abs(bd.astype(np.float64)))[None, :, None, None]
             else:
                 if h.ndim != 2:
                     h = h.reshape(h.shape[0], -1)
                     src = src.reshape(src.shape[0], -1)
                 h = kernels.dense(h, wd, bd)
-                e = kernels.dense(src, aw, None) + gamma * np.abs(bd.astype(np.float64))[None, :]
+                e = kernels.dense(src, aw, None) + gamma * xp.abs(bd.astype(np.float64))[None, :]
             e *= 1.0 + 1e-6
             if i < last:
                 if self.activation == "relu":
-                    h = np.maximum(h, h.dtype.type(0))
+                    h = xp.maximum(h, h.dtype.type(0))
                 else:
                     h = kernels.minmax(h)
                     n2 = e.shape[1] // 2
                     ep = e.reshape((e.shape[0], n2, 2) + e.shape[2:]).max(axis=2, keepdims=True)
-                    e = np.repeat(ep, 2, axis=2).reshape(e.shape)
-        return h, e
+                    e = xp.repeat(ep, 2, axis=2).reshape(e.shape)
+        return _host(h), _host(e)
 
     def _pair_k(self, k_sub):
         """(m, m) float64: K[j, i] bounding the Lipschitz constant of f_j - f_i (diag unused)."""
-        w = self.params[-1][0].data.astype(np.float64)
+        w = _host(self.params[-1][0].data).astype(np.float64)
         m = w.shape[0]
         if self.variant == "margin":
             kk = np.empty((m, m), dtype=np.float64)
@@ -435,6 +474,9 @@ class GloroNet:
             raise ValueError(f"bound must be 'provable' or 'power', got {bound!r}")
         fr = self._fresh_frozen()
         k_sub = fr["k_sub_provable"] if bound == "provable" else fr["k_sub_power"]
+        # which bound the last certificate rests on (a proof only for "provable")
+        self.last_certification = {"bound": bound, "k_sub": k_sub, "eps": eps, "proof": bound == "provable",
+                                   "methods": list(fr["methods"]), "version": fr["version"]}
         y, err = self._forward_with_error(x)
         y64 = y.astype(np.float64)
         n, m = y64.shape
@@ -476,6 +518,7 @@ class GloroNet:
         radius = min_{i≠j} (y_j - y_i - e_i - e_j) / K_ij >= 0 (rounding slack e, see
         gloro_logits); pred = j iff y_j > y_⊥ (strict). bound="provable" (default, a
         proof) or "power" (converged power method: an estimate from below, not a proof).
+        ``net.last_certification`` then says which bound (and K_sub, eps) was used.
         """
         _, _, j, cert, radius, _ = self._certify_core(x, eps, bound)
         return np.where(cert, j, -1).astype(np.int64), radius
@@ -500,9 +543,9 @@ class GloroNet:
     def state_arrays(self) -> dict:
         out = {}
         for i, (w, b) in enumerate(self.params):
-            out[f"param.{i}.weight"] = w.data
-            out[f"param.{i}.bias"] = b.data
-            out[f"iterate.{i}"] = self.iterates[i]
+            out[f"param.{i}.weight"] = _host(w.data)
+            out[f"param.{i}.bias"] = _host(b.data)
+            out[f"iterate.{i}"] = _host(self.iterates[i])
         return out
 
     def save(self, path, extra=None):

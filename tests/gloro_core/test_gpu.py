@@ -1,0 +1,85 @@
+"""GloroNet on a CUDA device (CuPy): same logits, loss, gradients, K and certificates as
+on the CPU; the Adam step and PGD run there too. Skipped where there is no device."""
+import numpy as np
+import pytest
+
+from gloro_core import attacks
+from gloro_core.model import GloroNet
+
+pytestmark = pytest.mark.gpu
+
+LAYERS = [{"type": "conv", "filters": 8, "kernel": 4, "stride": 2, "padding": "same"},
+          {"type": "conv", "filters": 8, "kernel": 3, "stride": 1, "padding": "same"},
+          {"type": "dense", "units": 16}, {"type": "dense", "units": 10}]
+
+
+def _cupy_or_skip():
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+        from kernels.registry import availability
+
+        why = availability().get("cupy")
+        if why is not None:
+            raise RuntimeError(why)
+        return cupy
+    except Exception as exc:  # no driver, no device, no cupy
+        pytest.skip(f"needs a CUDA device with the cupy backend: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize("activation", ["relu", "minmax"])
+@pytest.mark.parametrize("variant", ["margin", "basic"])
+def test_gpu_matches_cpu(activation, variant):
+    cp = _cupy_or_skip()
+    rng = np.random.default_rng(0)
+    cpu = GloroNet((1, 12, 12), 10, LAYERS, activation=activation, variant=variant, eps=0.2, seed=3)
+    gpu = GloroNet((1, 12, 12), 10, LAYERS, activation=activation, variant=variant, eps=0.2, seed=3).to("gpu")
+    assert gpu.device == "gpu" and isinstance(gpu.params[0][0].data, cp.ndarray)
+    x = rng.random((32, 1, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 32)
+    np.testing.assert_allclose(gpu.logits(cp.asarray(x)), cpu.logits(x), rtol=1e-4, atol=1e-5)
+    for loss in ("ce", "trades"):
+        lc, gc = cpu.gradients(x, y, loss=loss, power_iters=3)
+        lg, gg = gpu.gradients(x, y, loss=loss, power_iters=3)
+        assert abs(lc - lg) <= 1e-4 * max(1.0, abs(lc))
+        for k in gc:
+            np.testing.assert_allclose(gg[k], gc[k], rtol=2e-3, atol=1e-5, err_msg=k)
+    for a, b in zip(gpu.iterates, cpu.iterates):
+        assert isinstance(a, cp.ndarray)
+        np.testing.assert_allclose(cp.asnumpy(a), b, rtol=1e-3, atol=1e-5)
+    lc, lg = cpu.update_lipschitz(), gpu.update_lipschitz()
+    assert lg["k_sub_provable"] == pytest.approx(lc["k_sub_provable"], rel=1e-12)
+    assert lg["k_sub_power"] == pytest.approx(lc["k_sub_power"], rel=1e-4)
+    pc, rc = cpu.certify(x, eps=0.01)
+    pg, rg = gpu.certify(cp.asarray(x), eps=0.01)
+    np.testing.assert_allclose(rg, rc, rtol=1e-3, atol=1e-5)
+    assert np.mean(pc == pg) >= 0.95
+
+
+def test_gpu_training_step_attack_and_checkpoint(tmp_path):
+    cp = _cupy_or_skip()
+    from nn.optim import Adam
+
+    rng = np.random.default_rng(1)
+    net = GloroNet((1, 12, 12), 10, LAYERS, eps=0.2, seed=4).to("gpu")
+    opt = Adam(net.parameters(), lr=1e-3)
+    x = rng.random((64, 1, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    first = None
+    for _ in range(20):
+        loss = net.loss(x, y, power_iters=2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first and isinstance(net.params[0][0].data, cp.ndarray)
+    adv = attacks.pgd_l2(net, x[:8], y[:8], 0.3, steps=5, rng=rng)
+    assert isinstance(adv, np.ndarray)
+    assert np.all(np.sqrt(((adv.astype(np.float64) - x[:8]) ** 2).reshape(8, -1).sum(1)) <= 0.3)
+    net.save(tmp_path / "g.npz")
+    import gloro_core
+
+    back = gloro_core.load(tmp_path / "g.npz")
+    np.testing.assert_allclose(back.logits(x), net.logits(x), rtol=1e-4, atol=1e-5)
