@@ -269,6 +269,37 @@ def test_power_bound_is_labelled_and_not_larger():
     net = _net()
     lp, lw = net.lipschitz("provable"), net.lipschitz("power")
     assert lp["bound"] == "provable" and lw["bound"] == "power"
+    x = np.random.default_rng(9).random((3, 1, 7, 8)).astype(np.float32)
+    net.certify(x)
+    assert net.last_certification["bound"] == "provable" and net.last_certification["proof"]
+    net.certify(x, bound="power")
+    assert net.last_certification["bound"] == "power" and not net.last_certification["proof"]
+    with pytest.raises(ValueError, match="bound"):
+        net.certify(x, bound="guess")
     assert lw["k_sub"] <= lp["k_sub"]
     for d in lp["layers"]:
         assert d["power"] <= d["provable"] and d["method"] in ("svd", "explicit", "fft")
+
+
+def test_margin_below_rounding_slack_is_not_certified():
+    """A float32 margin that is positive but smaller than the forward pass's rounding
+    error bound is not a proof (eps = 0, so only the slack stands in the way)."""
+    rng = np.random.default_rng(8)
+    net = _net()
+    x = _x(rng, 1)
+    y, err = net._forward_with_error(x)
+    j = int(y[0].argmax())
+    i = (j + 1) % 3
+    b = net.params[-1][1].data
+    k = 3 - i - j
+    b[k] -= np.float32(10.0)                              # the third class far below
+    for delta, expect in [(3e-6, -1), (3e-2, j)]:
+        y1, _ = net._forward_with_error(x)
+        b[i] += np.float32(y1[0, j] - y1[0, i] - delta)   # y_j - y_i becomes about delta
+        y2, err2 = net._forward_with_error(x)
+        margin = float(y2[0, j]) - float(y2[0, i])
+        assert int(y2[0].argmax()) == j and 0 < margin
+        assert (margin < err2[0, i] + err2[0, j]) == (expect == -1)
+        pred, radius = net.certify(x, eps=0.0)
+        assert pred[0] == expect
+        assert net.gloro_logits(x, eps=0.0)[0].argmax() == (3 if expect == -1 else j)
