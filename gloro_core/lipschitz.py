@@ -74,10 +74,10 @@ class LinearOp:
             return kernels.conv2d_adjoint(u, w, (u.shape[0],) + tuple(self.in_shape), self.stride, self.padding)
         return kernels.dense_adjoint(u, w)
 
-    def provable(self, w):
-        """(provable upper bound of ||A||_2 in float64, method name)."""
+    def provable(self, w, method="auto"):
+        """(provable upper bound of ||A||_2 in float64, method name); method for convs only."""
         if self.kind == "conv":
-            return bounds.conv_provable_bound(w, self.in_shape[1:], self.stride, self.padding)
+            return bounds.conv_provable_bound(w, self.in_shape[1:], self.stride, self.padding, method)
         return bounds.dense_norm(w), "svd"
 
 

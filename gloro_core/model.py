@@ -159,6 +159,7 @@ class GloroNet:
             self.params.append((Parameter(w, name=f"param.{i}.weight"), Parameter(b, name=f"param.{i}.bias")))
         self.iterates = [init_iterate(op, rng, self.dtype) for op in self.ops]
         self.last_certification = None
+        self.provable_method = "auto"
         self._frozen = None      # dict of frozen Lipschitz numbers (see update_lipschitz)
         self._provable_cache = {}  # layer index -> (weight digest, bound, method)
 
@@ -276,10 +277,12 @@ class GloroNet:
         for i, op in enumerate(self.ops):
             self.iterates[i], _ = power_steps(op, self.params[i][0].data, self.iterates[i], iters)
 
-    def layer_sigmas(self):
-        """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only."""
+    def layer_sigmas(self, upto=None):
+        """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only.
+
+        Layers 0 .. upto-1 (default all)."""
         out = []
-        for i, op in enumerate(self.ops):
+        for i, op in enumerate(self.ops[:upto]):
             v = Tensor(self.iterates[i])
             w = self.params[i][0]
             av = F.conv2d(v, w, None, op.stride, op.padding) if op.kind == "conv" else F.dense(v, w, None)
@@ -288,9 +291,8 @@ class GloroNet:
 
     def k_sub_tensor(self) -> Tensor:
         """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor)."""
-        sig = self.layer_sigmas()[:-1]
         k = Tensor(self.xp.ones((), dtype=self.dtype))
-        for s in sig:
+        for s in self.layer_sigmas(upto=self.num_layers - 1):
             k = k * s
         return k
 
@@ -342,11 +344,18 @@ class GloroNet:
         return float(val.item()), grads
 
     # ------------------------------------------------------------------ frozen K
-    def update_lipschitz(self, tol=1e-5, max_iter=DEFAULT_MAX_ITER, provable=True):
+    def update_lipschitz(self, tol=1e-5, max_iter=DEFAULT_MAX_ITER, provable=True, provable_method=None):
         """Converge every iterate (float64 power method), freeze K and compute provable bounds.
 
-        Provable bounds are cached per layer on a hash of its weight. Returns lipschitz().
+        provable_method for convs: "auto" (default: the exact norm of the explicit operator
+        where it is small, see bounds.conv_provable_bound, else the FFT bound), "fft" or
+        "explicit"; it sticks for later automatic refreshes. Provable bounds are cached per
+        layer on a hash of its weight (and the method). Returns lipschitz().
         """
+        if provable_method is not None:
+            if provable_method not in ("auto", "fft", "explicit"):
+                raise ValueError(f"provable_method must be 'auto', 'fft' or 'explicit', got {provable_method!r}")
+            self.provable_method = provable_method
         power, iters, conv = [], [], []
         for i, op in enumerate(self.ops):
             v, s, it, ok = converge(op, self.params[i][0].data, self.iterates[i], tol, max_iter)
@@ -360,10 +369,10 @@ class GloroNet:
                 prov.append(float("nan"))
                 methods.append("none")
                 continue
-            dig = self._weight_digest(i)
+            dig = self._weight_digest(i) + self.provable_method
             hit = self._provable_cache.get(i)
             if hit is None or hit[0] != dig:
-                bound, method = op.provable(_host(self.params[i][0].data))
+                bound, method = op.provable(_host(self.params[i][0].data), self.provable_method)
                 hit = (dig, bound, method)
                 self._provable_cache[i] = hit
             prov.append(hit[1])
@@ -538,7 +547,7 @@ class GloroNet:
                 "activation": self.activation, "layers": [dict(s) for s in self.layers],
                 "eps": self.eps, "variant": self.variant, "init": self.init, "seed": self.seed,
                 "dtype": str(self.dtype), "power_iters": self.power_iters, "lam": self.lam,
-                "lipschitz": lip}
+                "provable_method": self.provable_method, "lipschitz": lip}
 
     def state_arrays(self) -> dict:
         out = {}
@@ -591,5 +600,9 @@ def load(path) -> GloroNet:
     # the saved Lipschitz numbers are kept for reference only: a certificate must not
     # trust a file, so the frozen K is recomputed from the weights on first use
     net.saved_lipschitz = meta.get("lipschitz")
+    pm = meta.get("provable_method", "auto")
+    if pm not in ("auto", "fft", "explicit"):
+        raise ValueError(f"{path}: unknown provable_method {pm!r} in meta")
+    net.provable_method = pm
     net.extra = extra
     return net

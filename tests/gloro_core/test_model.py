@@ -303,3 +303,14 @@ def test_margin_below_rounding_slack_is_not_certified():
         pred, radius = net.certify(x, eps=0.0)
         assert pred[0] == expect
         assert net.gloro_logits(x, eps=0.0)[0].argmax() == (3 if expect == -1 else j)
+
+
+def test_provable_method_choice():
+    net = _net()
+    auto = net.update_lipschitz(provable_method="auto")
+    fft = net.update_lipschitz(provable_method="fft")
+    assert [d["method"] for d in fft["layers"]] == ["fft", "fft", "svd", "svd"]
+    assert fft["k_sub_provable"] >= auto["k_sub_provable"] >= auto["k_sub_power"]
+    assert net.lipschitz()["layers"][0]["method"] == "fft"      # sticks for refreshes
+    with pytest.raises(ValueError):
+        net.update_lipschitz(provable_method="svd")
