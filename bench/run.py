@@ -128,22 +128,24 @@ def _call_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def warm(fn, n: int = 1) -> tuple[float, float]:
-    """Run ``fn`` ``n + 1`` times untimed-for-medians; return (first-call s, last warm s)."""
-    first = _call_time(fn)
-    last = first
-    for _ in range(n):
+def warm(fn, calls: int = 1) -> tuple[float, float]:
+    """Call ``fn`` ``calls`` (>= 1) times outside any median; return (first call s, last call s)."""
+    first = last = _call_time(fn)
+    for _ in range(calls - 1):
         last = _call_time(fn)
     return first, last
 
 
 def interleaved(fns: dict, reps: int) -> dict:
-    """Time the already-warm callables in turn (A B C A B C ...): name -> list of seconds."""
+    """Time the already-warm callables in turn, A B C, B C A, C A B, ... (the order rotates
+    so that none always runs right after the same neighbour): name -> list of seconds."""
     out = {k: [] for k in fns}
+    keys = list(fns)
     gc.collect()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            out[k].append(_call_time(fn))
+    for r in range(reps):
+        i = r % len(keys)
+        for k in keys[i:] + keys[:i]:
+            out[k].append(_call_time(fns[k]))
     return out
 
 
@@ -162,6 +164,7 @@ def machine_info(threads: int) -> dict:
         "cores": os.cpu_count(),
         "threads": threads,
         "numpy": np.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     try:
         with open("/proc/cpuinfo") as fh:
@@ -200,7 +203,7 @@ def sgemm_gflops(b: Bench, m: int, k: int, n: int, budget_s: float = 0.15) -> fl
         a = rng.standard_normal((m, k), dtype=np.float32)
         c = rng.standard_normal((k, n), dtype=np.float32)
         fn = lambda: np.matmul(a, c)  # noqa: E731
-        _, est = warm(fn, 1)
+        _, est = warm(fn, 2)
         times = interleaved({"s": fn}, reps_for(est, budget_s, 3, 50))["s"]
         b.sgemm_cache[key] = 2.0 * m * k * n / statistics.median(times) / 1e9
         b.sgemm_best[key] = 2.0 * m * k * n / min(times) / 1e9
@@ -269,7 +272,7 @@ def _kernel_cases(layer: dict, n: int, rng, minmax_only=False):
         x = rng.standard_normal(shp, dtype=np.float32)
         gy = rng.standard_normal(shp, dtype=np.float32)
         nbytes = x.nbytes
-        txt = "x" + "x".join(map(str, shp))
+        txt = "x".join(map(str, shp))
         cases.append(("minmax", txt, None, None, 2 * nbytes,
                       lambda be, xp: (lambda a=xp(x): api.minmax(a, backend=be))))
         cases.append(("minmax_grad", txt, None, None, 3 * nbytes,
@@ -367,7 +370,6 @@ def _xp_for(backend):
 
 def bench_kernels(b: Bench) -> None:
     try:
-        import kernels
         from kernels import registry
     except Exception as exc:
         b.note(f"kernels: skipped, the kernels package does not import ({type(exc).__name__}: {exc})")
@@ -394,13 +396,21 @@ def bench_kernels(b: Bench) -> None:
         conv_dense, mm = DEFAULT_LAYERS, DEFAULT_MINMAX
     jobs = [(lab, False) for lab in conv_dense] + [(lab, True) for lab in mm]
 
+    def ops_of(lab, mmo):
+        if mmo:
+            return ("minmax", "minmax_grad")
+        if layers[lab]["kind"] == "conv":
+            return ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
+        return ("dense", "dense_grad_input", "dense_grad_weight")
+
+    if not any(b.wanted(f"kernel/{op}/{lab}") for lab, mmo in jobs for op in ops_of(lab, mmo)):
+        return
+
     # warm-up / compile: each backend x op once on tiny inputs (Numba compiles here)
     rng = np.random.default_rng(1)
     tiny = dict(label="tiny", kind="conv", in_shape=(2, 6, 6), out_shape=(4, 3, 3), k=3, s=2, pads=(0, 1, 0, 1))
     tiny_d = dict(label="tiny", kind="dense", in_shape=(6,), out_shape=(4,))
     for be in ours:
-        if not any(b.wanted(f"kernel/{op}/") for op in kernels.OPS):
-            break
         xp, sync = _xp_for(be)
         t0 = time.perf_counter()
         per_op = {}
@@ -441,7 +451,7 @@ def bench_kernels(b: Bench) -> None:
             ests = {}
             for k in list(fns):
                 try:
-                    first[k], ests[k] = warm(fns[k], 1)
+                    first[k], ests[k] = warm(fns[k], 2)
                 except NotImplementedError as exc:
                     b.note(f"{k}: {exc}")
                     del fns[k]
@@ -475,24 +485,30 @@ def _is_last(label):
 
 
 def _bench_reference(b, name, layer, op, n, mmo, flops, med):
-    """The oracle on a batch of ``n``, its time scaled linearly to batch 256."""
-    case = [c for c in _kernel_cases(layer, n, np.random.default_rng(3), mmo) if c[0] == op][0]
-    fn = case[-1]("reference", lambda x: x)
-    try:
-        t = _call_time(fn)
-        reps = 1 if t > 0.2 else 3
-        ts = [_call_time(fn) for _ in range(reps)]
-    except Exception as exc:
-        b.note(f"{name} on reference failed: {type(exc).__name__}: {exc}")
-        return
-    scale = BATCH / n
-    scaled = [v * scale for v in ts]
-    m = statistics.median(scaled)
-    rec = _record(name, "kernels", "reference", case[1].replace(f"{n}x", f"{BATCH}x", 1), BATCH, scaled,
-                  gflops=(flops / m / 1e9 if flops else None), measured_batch=n,
-                  note=f"est. from N={n} x{scale:g}")
+    """The oracle is too slow for batch 256: time it at batches n and 4n and extrapolate the
+    straight line through them (per-call overhead + per-sample cost) to the full batch."""
+    pts = {}
+    for nb in (n, 4 * n):
+        case = [c for c in _kernel_cases(layer, nb, np.random.default_rng(3), mmo) if c[0] == op][0]
+        fn = case[-1]("reference", lambda x: x)
+        try:
+            t = _call_time(fn)
+            pts[nb] = statistics.median([_call_time(fn) for _ in range(1 if t > 0.2 else 3)])
+        except Exception as exc:
+            b.note(f"{name} on reference failed: {type(exc).__name__}: {exc}")
+            return
+    slope = max((pts[4 * n] - pts[n]) / (3 * n), 0.0)
+    est = pts[n] + slope * (BATCH - n)
+    if BATCH >= 4 * n:
+        est = max(est, pts[4 * n])
+    full = _kernel_cases(layer, BATCH, np.random.default_rng(3), mmo)
+    txt = [c for c in full if c[0] == op][0][1]
+    rec = _record(name, "kernels", "reference", txt, BATCH, [est],
+                  gflops=(flops / est / 1e9 if flops else None), measured_batches=[n, 4 * n],
+                  measured_ms=[pts[n] * 1e3, pts[4 * n] * 1e3],
+                  note=f"est.: line through N={n} and N={4 * n}, extrapolated")
     if "numpy" in med:
-        rec["speedup_vs_numpy"] = med["numpy"] / m
+        rec["speedup_vs_numpy"] = med["numpy"] / est
     b.add(rec)
 
 
@@ -642,7 +658,8 @@ def bench_steps(b: Bench) -> None:
 def bench_inference(b: Bench) -> None:
     a = b.args
     n = a.infer_batch
-    archs = ["2C2F"] if a.quick else list(MODELS)
+    # freezing K with provable bounds is slow on the larger models: those only with --full
+    archs = list(MODELS) if a.full else ["2C2F"]
     for arch in archs:
         names = [f"infer/plain/{arch}", f"infer/certify/{arch}"]
         if not any(b.wanted(nm) for nm in names):
@@ -655,11 +672,15 @@ def bench_inference(b: Bench) -> None:
         if ours is not None:
             try:
                 m = ours.build()
-                t_freeze = _call_time(m.update_lipschitz)  # converge and freeze K before timing
+                # freeze K before timing (one-off, not in the medians): the power method to
+                # convergence first, then the provable bounds (the converged iterates are reused)
+                t_pow = _call_time(lambda: m.update_lipschitz(provable=False))
+                t_prov = _call_time(m.update_lipschitz)
                 if b.wanted(f"infer/freezeK/{arch}"):
                     b.add(_record(f"infer/freezeK/{arch}", "inference", "ours", "once per model", 1,
-                                  [t_freeze], note="update_lipschitz(): power method to 1e-5 + "
-                                                   "provable float64 bounds (one-off, not in medians)"))
+                                  [t_pow + t_prov], power_s=t_pow, provable_s=t_prov,
+                                  note=f"update_lipschitz(): power method to 1e-5 {t_pow:.1f} s + "
+                                       f"provable bounds {t_prov:.1f} s (one-off)"))
                 fns["plain"]["ours"] = lambda m=m: m.logits(x)
                 fns["certify"]["ours"] = lambda m=m: m.certify(x)
             except Exception as exc:
@@ -680,7 +701,7 @@ def bench_inference(b: Bench) -> None:
             name = f"infer/{kind}/{arch}"
             if not fns[kind] or not b.wanted(name):
                 continue
-            times, first, comp = _time_pair(b, name, fns[kind], a.step_reps)
+            times, first, comp = _time_pair(b, name, fns[kind], a.infer_reps)
             recs[kind] = _add_pair(b, name, "inference", f"{n}x" + "x".join(map(str, shape)), n,
                                    times, first, comp)
         if "plain" in recs and "certify" in recs:
@@ -935,7 +956,8 @@ def header(b: Bench) -> str:
                      f"(%sgemm = op GFLOP/s / median sgemm GFLOP/s at the op's own GEMM size, same run)")
     if m.get("loadavg_start") is not None:
         lines.append(f"load average (1 min): {m['loadavg_start']:.2f} at start, "
-                     f"{m.get('loadavg_end', float('nan')):.2f} at end; activation: {m['activation']}")
+                     f"{m.get('loadavg_end', float('nan')):.2f} at end; activation: {m['activation']}; "
+                     f"OMP_WAIT_POLICY={m.get('omp_wait_policy')}")
     lines.append("x numpy = numpy-backend time / this time (higher is faster); /torch = this time / "
                  "PyTorch time (interleaved runs; below 1 = we are faster)")
     return "\n".join(lines)
@@ -982,12 +1004,18 @@ def parse_args(argv=None):
     a.warmup = 1
     a.kernel_budget = {"quick": 0.1, "default": 0.5, "full": 1.5}[a.mode]
     a.infer_batch = 1024
+    a.infer_reps = {"quick": 2, "default": 3, "full": 5}[a.mode]
     return a
 
 
 def _set_threads(n: int) -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
+    # OpenMP threads that spin after a parallel region steal the cores from the next
+    # library's threads (BLAS, Numba, torch alternate here) and from other processes; on a
+    # busy 2-core box that made torch's batch-1 power iterations 10-100x slower. Sleeping
+    # waits cost microseconds per region. An explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv=None) -> int:
@@ -1054,6 +1082,12 @@ def main(argv=None) -> int:
         if busy > (os.cpu_count() or 1) + 0.5:
             b.note(f"the machine was busy (1-min load average up to {busy:.1f} on "
                    f"{os.cpu_count()} cores, this run included): timings are noisy")
+    try:
+        import numba
+
+        b.meta["numba_threading_layer"] = numba.threading_layer()
+    except Exception:
+        pass
     b.meta["sgemm_sizes"] = {f"{m}x{k}x{n}": v for (m, k, n), v in b.sgemm_cache.items()}
 
     print(header(b))

@@ -62,7 +62,11 @@ def test_torch_column_and_reference_scaling(tmp_path):
     assert set(recs) == {"numpy", "torch", "reference"}
     assert recs["numpy"]["ours_over_torch"] == pytest.approx(
         recs["numpy"]["median_ms"] / recs["torch"]["median_ms"], rel=1e-9)
-    assert recs["reference"]["measured_batch"] == 2 and "N=2" in recs["reference"]["note"]
+    ref = recs["reference"]
+    assert ref["measured_batches"] == [2, 8] and "N=2" in ref["note"]
+    # the extrapolated time lies on the line through the two measured points
+    t2, t8 = ref["measured_ms"]
+    assert ref["median_ms"] == pytest.approx(max(t2 + max(t8 - t2, 0) / 6 * 254, t8), rel=1e-9)
     assert recs["numpy"]["gbps"] > 0 and "gflops" not in recs["numpy"]
 
 
