@@ -29,11 +29,10 @@ import numpy as np
 
 from .registry import register
 
-# Numba's OpenMP layer busy-waits between parallel regions by default, and here every
-# conv alternates Numba loops with OpenBLAS GEMMs that want the same two cores: spinning
-# OpenMP threads then starve the BLAS threads for whole scheduler slices (measured: batch-1
-# convs 0.2 ms -> 8-25 ms, batch-256 ones 2-4x slower). Passive waiting fixes it. This only
-# takes effect if no OpenMP runtime has started yet, and an explicit setting wins.
+# Numba's OpenMP layer busy-waits between parallel regions by default, and every conv here
+# alternates Numba loops with OpenBLAS GEMMs that want the same cores: spinning OpenMP
+# threads would compete with the BLAS threads. Passive waiting avoids that. It only takes
+# effect if no OpenMP runtime has started yet, and an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
@@ -99,19 +98,20 @@ def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
         j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
         if j_hi < j_lo:
             j_hi = j_lo
+        w_lo = j_lo * sw + q - pl  # first input column read (when j_lo < j_hi)
+        w_hi = (j_hi - 1) * sw + q - pl + 1
+        row = cols[r]
         for i in range(oh):
             hi = i * sh + p - pt
             col0 = m * p_sz + i * ow
             if hi < 0 or hi >= h:
-                for j in range(ow):
-                    cols[r, col0 + j] = 0
+                row[col0:col0 + ow] = 0
             else:
-                for j in range(j_lo):
-                    cols[r, col0 + j] = 0
-                for j in range(j_lo, j_hi):
-                    cols[r, col0 + j] = x[n0 + m, c, hi, j * sw + q - pl]
-                for j in range(j_hi, ow):
-                    cols[r, col0 + j] = 0
+                # slice copies: a tight (vectorised for sw == 1) loop with no per-element index wraparound
+                row[col0:col0 + j_lo] = 0
+                if j_hi > j_lo:
+                    row[col0 + j_lo:col0 + j_hi] = x[n0 + m, c, hi, w_lo:w_hi:sw]
+                row[col0 + j_hi:col0 + ow] = 0
 
 
 @_Twin
@@ -134,13 +134,17 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
                 r = (c * kh + p) * kw + q
                 j_lo = (pl - q + sw - 1) // sw if pl > q else 0
                 j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
+                if j_hi <= j_lo:
+                    continue
+                w_lo = j_lo * sw + q - pl
+                w_hi = (j_hi - 1) * sw + q - pl + 1
+                grow = gcols[r]
                 for i in range(oh):
                     hi = i * sh + p - pt
                     if hi < 0 or hi >= h:
                         continue
                     col0 = m * p_sz + i * ow
-                    for j in range(j_lo, j_hi):
-                        plane[hi, j * sw + q - pl] += gcols[r, col0 + j]
+                    plane[hi, w_lo:w_hi:sw] += grow[col0 + j_lo:col0 + j_hi]
 
 
 @_Twin
