@@ -101,6 +101,26 @@ def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
         w_lo = j_lo * sw + q - pl  # first input column read (when j_lo < j_hi)
         w_hi = (j_hi - 1) * sw + q - pl + 1
         row = cols[r]
+        i_lo = max(0, pt - p)  # output rows whose input row is inside (stride 1)
+        i_hi = min(oh, h - p + pt)
+        if sh == 1 and sw == 1 and ow == w and i_lo < i_hi and j_lo < j_hi:
+            # stride-1 SAME: the patch row is the flat input plane shifted by delta, so the
+            # rows i_lo..i_hi-1 are one contiguous copy; only the wrapped-around edge
+            # columns and the out-of-image rows are then overwritten with zeros.
+            base = m * p_sz
+            delta = (p - pt) * w + (q - pl)
+            xs = x[n0 + m, c].reshape(h * w)
+            a = i_lo * ow + j_lo
+            b = (i_hi - 1) * ow + j_hi
+            row[base:base + a] = 0
+            row[base + a:base + b] = xs[a + delta:b + delta]
+            row[base + b:base + p_sz] = 0
+            for i in range(i_lo, i_hi):
+                for j in range(j_lo):
+                    row[base + i * ow + j] = 0
+                for j in range(j_hi, ow):
+                    row[base + i * ow + j] = 0
+            continue
         for i in range(oh):
             hi = i * sh + p - pt
             col0 = m * p_sz + i * ow
