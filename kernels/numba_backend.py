@@ -149,12 +149,35 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
         c = t - m * c_in
         plane = gx[n0 + m, c]
         plane[:, :] = 0
+        flat = plane.reshape(h * w)
+        base = m * p_sz
         for p in range(kh):
             for q in range(kw):
                 r = (c * kh + p) * kw + q
                 j_lo = (pl - q + sw - 1) // sw if pl > q else 0
                 j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
                 if j_hi <= j_lo:
+                    continue
+                i_lo = max(0, pt - p)
+                i_hi = min(oh, h - p + pt)
+                if sh == 1 and sw == 1 and ow == w and i_lo < i_hi:
+                    # stride-1 SAME (see _im2col): one contiguous add of the row segment,
+                    # with the wrapped-around edge columns zeroed in a copy first (adding
+                    # 0 is exact, so this equals the per-row scatter bit for bit)
+                    a = i_lo * ow + j_lo
+                    b = (i_hi - 1) * ow + j_hi
+                    seg = gcols[r, base + a:base + b].copy()
+                    for i in range(i_lo, i_hi):
+                        for j in range(j_lo):
+                            k = i * ow + j - a
+                            if k >= 0:
+                                seg[k] = 0
+                        for j in range(j_hi, ow):
+                            k = i * ow + j - a
+                            if k < b - a:
+                                seg[k] = 0
+                    delta = (p - pt) * w + (q - pl)
+                    flat[a + delta:b + delta] += seg
                     continue
                 w_lo = j_lo * sw + q - pl
                 w_hi = (j_hi - 1) * sw + q - pl + 1
