@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks of the GloRo engine: kernels, training steps, certification, scaling, memory.
 
-    python bench/run.py                 # default: representative shapes, < ~2 min on 2 cores
+    python bench/run.py                 # default: representative shapes, every workload
     python bench/run.py --quick         # fewer shapes and repeats
     python bench/run.py --full          # every layer shape, every scaling point
     python bench/run.py --only step --json out.json --backend numba
@@ -10,20 +10,26 @@ Workloads (record names in brackets; ``--only`` is a regex/substring on them):
   1. kernels [kernel/<op>/<arch>.<layer>]: each op x each available backend at the paper's
      layer shapes, batch 256; GFLOP/s, % of a same-run sgemm of the op's GEMM size,
      speedup over the numpy backend, our time / PyTorch's. ``reference`` runs on a small
-     batch (``--ref-batch``, default 2) and its time is scaled linearly to 256.
+     batch (``--ref-batch``, default 8) and its time is scaled linearly to 256.
   2. GloRo training step [step/gloro/<arch>]: forward, power iterations, ⊥, loss, backward,
      Adam; 2C2F and 4C3F on 1x28x28 (10 iterations), 6C2F on 3x32x32 (5 iterations).
   3. standard step [step/standard/<arch>] and the GloRo overhead ratio (gloro / standard).
-  4. inference [infer/plain|certify/<arch>] at batch 1024 with a frozen K.
+  4. inference [infer/plain|certify|freezeK/<arch>] at batch 1024 with a frozen K (2C2F;
+     every model with ``--full``, where K is frozen at the paper's tolerance 1e-5).
   5. scaling [scale/batch/2C2F/bN, scale/iters/2C2F/pK].
   6. peak memory [mem/<arch>]: tracemalloc peak during one GloRo step / batch (NumPy's
-     allocations are traced); PyTorch's CPU allocator is not traced by tracemalloc, so the
-     torch column is the ru_maxrss growth of one step in a fresh subprocess (with ``--full``
-     ours is also measured that way, for a like-for-like number).
+     allocations are traced). PyTorch's CPU allocator is not traced by tracemalloc, so for
+     the side by side (2C2F; every model with ``--full``) both frameworks also run one step
+     in a fresh subprocess that reports its peak resident-set growth: the peak is reset
+     through /proc/self/clear_refs, then VmHWM after the step minus VmRSS before it
+     (fallback: ru_maxrss growth).
 
 Timing: every callable is warmed up first (Numba compilation happens there and is reported
-as "compile s", never in a median); then ours and PyTorch run alternately (A B A B ...) and
-medians/minima of those interleaved runs are reported. Ratios are of medians.
+as "compile s", never in a median); then ours and PyTorch run alternately (A B, B A, ...)
+and medians/minima of those interleaved runs are reported; repeats adapt to a time budget
+per record. Ratios are of medians. BLAS, Numba and torch get the same thread count
+(``--threads``, default all cores) and OMP_WAIT_POLICY=PASSIVE unless set (spinning
+OpenMP threads starve the other libraries' threads on a small shared machine).
 PyTorch (bench/torch_ref.py) is imported here only, never by the engine; without it the
 torch column is skipped with a note.
 """
