@@ -748,6 +748,7 @@ def bench_scaling(b: Bench) -> None:
             for r in recs.values():
                 r["per_instance_us"] = r["median_ms"] * 1e3 / n
                 r["note"] = f"{r['per_instance_us']:.0f} us/instance"
+    by_p = {}
     for p in iters_list:
         name = f"scale/iters/{arch}/p{p}"
         if not b.wanted(name):
@@ -756,8 +757,16 @@ def bench_scaling(b: Bench) -> None:
         fns = _step_callables(b, arch, "gloro", BATCH, p)
         if fns:
             times, first, comp = _time_pair(b, name, fns)
-            _add_pair(b, name, "scaling", f"{BATCH}x{shp} p={p}", BATCH, times, first, comp,
-                      power_iters=p)
+            by_p[p] = _add_pair(b, name, "scaling", f"{BATCH}x{shp} p={p}", BATCH, times, first,
+                                comp, power_iters=p)
+    # cost of one power iteration (all layers, batch-1 iterates): slope from fewest to most
+    if len(by_p) >= 2:
+        lo, hi = min(by_p), max(by_p)
+        for k, r in by_p[hi].items():
+            if k in by_p[lo]:
+                per = (r["median_ms"] - by_p[lo][k]["median_ms"]) / (hi - lo)
+                r["ms_per_power_iter"] = per
+                r["note"] = f"{per:+.2f} ms per power iteration (p={lo}..{hi})"
 
 
 # ============================================================== workload 6: memory

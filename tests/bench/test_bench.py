@@ -87,6 +87,21 @@ def test_step_records_or_skip_note(tmp_path):
         assert t["step/gloro/2C2F"]["median_ms"] > 0
 
 
+def test_memory_and_scaling_records(tmp_path):
+    _, data = _run(tmp_path, "--only", "mem/2C2F|scale/iters", "--batch", "16", "--no-torch", timeout=400)
+    if importlib.util.find_spec("gloro_core.model") is None:
+        pytest.skip("the engine model is not there yet")
+    recs = {(r["name"], r["backend"]): r for r in data["records"]}
+    mem = recs[("mem/2C2F", "ours")]
+    assert mem["mem_method"] == "tracemalloc" and mem["batch"] == 16
+    assert mem["peak_mb"] > 0 and mem["mb_per_instance"] == pytest.approx(mem["peak_mb"] / 16, rel=1e-12)
+    # a 16-sample 2C2F step allocates at least its first activation (16x16x14x14 float32)
+    assert mem["peak_mb"] * 2**20 >= 16 * 16 * 14 * 14 * 4
+    p0, p5 = recs[("scale/iters/2C2F/p0", "ours")], recs[("scale/iters/2C2F/p5", "ours")]
+    assert (p0["power_iters"], p5["power_iters"]) == (0, 5)
+    assert p5["ms_per_power_iter"] == pytest.approx((p5["median_ms"] - p0["median_ms"]) / 5, rel=1e-9)
+
+
 def test_bad_arguments_fail_cleanly():
     proc = subprocess.run([sys.executable, RUN, "--quick", "--full"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
