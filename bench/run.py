@@ -898,6 +898,29 @@ def mem_child(spec: str, activation: str) -> None:
         print(f"RSS_DELTA {(after - before) * 1024} ru_maxrss-delta")  # ru_maxrss is KiB on Linux
 
 
+def fastest_cpu_backends(b: Bench) -> dict:
+    """op -> the CPU backend (not reference) with the smallest summed median over the
+    shapes where every compared backend ran."""
+    try:
+        from kernels import registry
+    except Exception:
+        return {}
+    per = {}  # op -> shape -> backend -> median
+    for r in b.records:
+        if r["workload"] != "kernels" or r["backend"] in ("torch", "reference"):
+            continue
+        if registry.BACKEND_MODULES.get(r["backend"], ("", "gpu"))[1] != "cpu":
+            continue
+        op = r["name"].split("/")[1]
+        per.setdefault(op, {}).setdefault(r["name"], {})[r["backend"]] = r["median_ms"]
+    out = {}
+    for op, shapes in per.items():
+        common = set.intersection(*(set(v) for v in shapes.values()))
+        if len(common) >= 2:
+            out[op] = min(common, key=lambda be: sum(v[be] for v in shapes.values()))
+    return out
+
+
 # ============================================================== table
 COLS = [
     ("name", "name", "<"), ("backend", "backend", "<"), ("shape", "shape", "<"),
@@ -1121,9 +1144,16 @@ def main(argv=None) -> int:
         pass
     b.meta["sgemm_sizes"] = {f"{m}x{k}x{n}": v for (m, k, n), v in b.sgemm_cache.items()}
 
+    fastest = fastest_cpu_backends(b)
+    if fastest:
+        b.meta["fastest_cpu_backend_by_op"] = fastest
     print(header(b))
     print()
     print(render_table(b))
+    if fastest:
+        print("\nfastest CPU backend per op in this run (sum of medians over the shapes timed; "
+              "kernels/registry.py DEFAULT_CPU_BY_OP):")
+        print("  " + ", ".join(f"{op}: {be}" for op, be in fastest.items()))
     if b.notes:
         print()
         print("notes:")
