@@ -270,6 +270,35 @@ def _minmax_grad(x, gy, gx):
                 gx[n, k2 + 1, s] = gy[n, k2, s]
 
 
+@_Twin
+def _minmax_pairs(x, y):
+    """x, y flat (2M,) with pairs (2i, 2i+1) adjacent, as in (N, C) features: (min, max)."""
+    for i in prange(x.shape[0] // 2):
+        a = x[2 * i]
+        b = x[2 * i + 1]
+        if a <= b:
+            y[2 * i] = a
+            y[2 * i + 1] = b
+        elif b < a:
+            y[2 * i] = b
+            y[2 * i + 1] = a
+        else:
+            y[2 * i] = a + b
+            y[2 * i + 1] = a + b
+
+
+@_Twin
+def _minmax_grad_pairs(x, gy, gx):
+    """Flat (2M,) version of _minmax_grad for adjacent pairs."""
+    for i in prange(x.shape[0] // 2):
+        if x[2 * i] <= x[2 * i + 1]:
+            gx[2 * i] = gy[2 * i]
+            gx[2 * i + 1] = gy[2 * i + 1]
+        else:
+            gx[2 * i] = gy[2 * i + 1]
+            gx[2 * i + 1] = gy[2 * i]
+
+
 # ---------------------------------------------------------------- registered wrappers
 
 def _chunk(n, k, p):
@@ -406,7 +435,10 @@ def minmax(x):
     """x (N, C, ...) with C even -> same shape; channels (2k, 2k+1) become (min, max)."""
     x3 = _as3(x)
     y = np.empty_like(x3)
-    _minmax(x3.size, x3, y)
+    if x3.shape[2] == 1:  # (N, C) features: pairs are adjacent, one flat loop
+        _minmax_pairs(x3.size, x3.reshape(-1), y.reshape(-1))
+    else:
+        _minmax(x3.size, x3, y)
     return y.reshape(x.shape)
 
 
@@ -416,5 +448,8 @@ def minmax_grad(x, gy):
     x3 = _as3(x)
     g3 = _as3(gy)
     gx = np.empty_like(g3)
-    _minmax_grad(x3.size, x3, g3, gx)
+    if x3.shape[2] == 1:
+        _minmax_grad_pairs(x3.size, x3.reshape(-1), g3.reshape(-1), gx.reshape(-1))
+    else:
+        _minmax_grad(x3.size, x3, g3, gx)
     return gx.reshape(x.shape)
