@@ -121,17 +121,20 @@ def _im2col(x, n0, cols, kh, kw, sh, sw, pt, pl, oh, ow):
                 for j in range(j_hi, ow):
                     row[base + i * ow + j] = 0
             continue
-        for i in range(oh):
-            hi = i * sh + p - pt
-            col0 = m * p_sz + i * ow
-            if hi < 0 or hi >= h:
-                row[col0:col0 + ow] = 0
-            else:
-                # slice copies: a tight (vectorised for sw == 1) loop with no per-element index wraparound
-                row[col0:col0 + j_lo] = 0
-                if j_hi > j_lo:
-                    row[col0 + j_lo:col0 + j_hi] = x[n0 + m, c, hi, w_lo:w_hi:sw]
-                row[col0 + j_hi:col0 + ow] = 0
+        # general stride: one 2-D strided copy of the valid block, zeros around it
+        i_lo = (pt - p + sh - 1) // sh if pt > p else 0
+        i_hi = min(oh, (h - 1 - p + pt) // sh + 1)
+        blk = row[m * p_sz:(m + 1) * p_sz].reshape(oh, ow)
+        if i_hi <= i_lo or j_hi <= j_lo:
+            blk[:, :] = 0
+            continue
+        blk[:i_lo, :] = 0
+        blk[i_hi:, :] = 0
+        blk[i_lo:i_hi, :j_lo] = 0
+        blk[i_lo:i_hi, j_hi:] = 0
+        h_lo = i_lo * sh + p - pt
+        h_hi = (i_hi - 1) * sh + p - pt + 1
+        blk[i_lo:i_hi, j_lo:j_hi] = x[n0 + m, c, h_lo:h_hi:sh, w_lo:w_hi:sw]
 
 
 @_Twin
@@ -179,15 +182,16 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
                     delta = (p - pt) * w + (q - pl)
                     flat[a + delta:b + delta] += seg
                     continue
+                i_lo = (pt - p + sh - 1) // sh if pt > p else 0
+                i_hi = min(oh, (h - 1 - p + pt) // sh + 1)
+                if i_hi <= i_lo:
+                    continue
                 w_lo = j_lo * sw + q - pl
                 w_hi = (j_hi - 1) * sw + q - pl + 1
-                grow = gcols[r]
-                for i in range(oh):
-                    hi = i * sh + p - pt
-                    if hi < 0 or hi >= h:
-                        continue
-                    col0 = m * p_sz + i * ow
-                    plane[hi, w_lo:w_hi:sw] += grow[col0 + j_lo:col0 + j_hi]
+                h_lo = i_lo * sh + p - pt
+                h_hi = (i_hi - 1) * sh + p - pt + 1
+                blk = gcols[r, base:base + p_sz].reshape(oh, ow)
+                plane[h_lo:h_hi:sh, w_lo:w_hi:sw] += blk[i_lo:i_hi, j_lo:j_hi]
 
 
 @_Twin
