@@ -636,28 +636,47 @@ def _add_pair(b, name, workload, shape_txt, n, times, first, compile_s, **extra)
     return recs
 
 
+def _time_group(b, label, groups: dict, reps: int | None = None) -> dict:
+    """Interleave every callable of every record together, so that ratios between records
+    (gloro / standard, certify / plain, one batch size / another) come from interleaved runs
+    too. groups: record name -> {framework: callable}; returns record name -> (times,
+    first-call s, compile s), each a dict by framework."""
+    flat = {f"{name}|{fw}": fn for name, d in groups.items() for fw, fn in d.items()}
+    if not flat:
+        return {}
+    times, first, comp = _time_pair(b, label, flat, reps)
+    out = {}
+    for key, ts in times.items():
+        name, fw = key.rsplit("|", 1)
+        t, f, c = out.setdefault(name, ({}, {}, {}))
+        t[fw], f[fw], c[fw] = ts, first[key], comp[key]
+    return out
+
+
 def bench_steps(b: Bench) -> None:
     a = b.args
     archs = ["2C2F"] if a.quick else list(MODELS)
     for arch in archs:
         shape, iters, _ = MODELS[arch]
         shp = "x".join(map(str, shape))
+        kinds = [k for k in ("gloro", "standard")
+                 if b.wanted(f"step/{k}/{arch}") or b.wanted(f"overhead/{arch}")]
+        if not kinds:
+            continue
+        b.log(f"  step/{'+'.join(kinds)}/{arch} (interleaved)")
+        groups = {f"step/{k}/{arch}": _step_callables(b, arch, k, BATCH, iters) for k in kinds}
+        timed = _time_group(b, f"step/{arch}", groups)
         res = {}
-        for kind in ("gloro", "standard"):
+        for kind in kinds:
             name = f"step/{kind}/{arch}"
-            if not (b.wanted(name) or b.wanted(f"overhead/{arch}")):
+            if name not in timed:
                 continue
-            b.log(f"  {name}")
-            fns = _step_callables(b, arch, kind, BATCH, iters)
-            if not fns:
-                continue
-            times, first, comp = _time_pair(b, name, fns)
-            if kind == "gloro" and "ours" in fns and "ours" in times:
-                b.warm_steps[arch] = fns["ours"]  # reused by the memory workload
+            times, first, comp = timed[name]
+            if kind == "gloro" and "ours" in times:
+                b.warm_steps[arch] = groups[name]["ours"]  # reused by the memory workload
             txt = f"{BATCH}x{shp}" + (f" p={iters}" if kind == "gloro" else "")
             res[kind] = _add_pair(b, name, "step", txt, BATCH, times, first, comp,
-                                  power_iters=(iters if kind == "gloro" else 0),
-                                  per_instance_us=None)
+                                  power_iters=(iters if kind == "gloro" else 0))
         if "gloro" in res and "standard" in res and b.wanted(f"overhead/{arch}"):
             for k in res["gloro"]:
                 if k in res["standard"]:
@@ -683,16 +702,15 @@ def bench_inference(b: Bench) -> None:
         if ours is not None:
             try:
                 m = ours.build()
-                # freeze K before timing (one-off, not in the medians): the power method to
-                # convergence first, then the provable bounds (the converged iterates are reused)
-                tol = a.freeze_tol
-                t_pow = _call_time(lambda: m.update_lipschitz(tol=tol, provable=False))
-                t_prov = _call_time(lambda: m.update_lipschitz(tol=tol))
+                # freeze K before timing (one-off, not in the medians): power method to the
+                # tolerance, then the provable float64 bounds that certify() uses
+                tol, mx = a.freeze_tol, a.freeze_max_iter
+                kw = {} if mx is None else {"max_iter": mx}
+                t_freeze = _call_time(lambda: m.update_lipschitz(tol=tol, **kw))
                 if b.wanted(f"infer/freezeK/{arch}"):
                     b.add(_record(f"infer/freezeK/{arch}", "inference", "ours", "once per model", 1,
-                                  [t_pow + t_prov], power_s=t_pow, provable_s=t_prov,
-                                  note=f"update_lipschitz(): power method to {tol:g} {t_pow:.1f} s + "
-                                       f"provable bounds {t_prov:.1f} s (one-off)"))
+                                  [t_freeze], note=f"update_lipschitz(): power method (tol {tol:g}"
+                                  f"{'' if mx is None else f', <= {mx} it.'}) + provable bounds (one-off)"))
                 fns["plain"]["ours"] = lambda m=m: m.logits(x)
                 fns["certify"]["ours"] = lambda m=m: m.certify(x)
             except Exception as exc:
@@ -708,14 +726,15 @@ def bench_inference(b: Bench) -> None:
             tx = torch.from_numpy(x)
             fns["plain"]["torch"] = lambda: tm.predict(tx)
             fns["certify"]["torch"] = lambda: tm.certify(tx)
+        groups = {f"infer/{k}/{arch}": fns[k] for k in ("plain", "certify")
+                  if fns[k] and b.wanted(f"infer/{k}/{arch}")}
+        timed = _time_group(b, f"infer/{arch}", groups, a.infer_reps)
         recs = {}
         for kind in ("plain", "certify"):
             name = f"infer/{kind}/{arch}"
-            if not fns[kind] or not b.wanted(name):
-                continue
-            times, first, comp = _time_pair(b, name, fns[kind], a.infer_reps)
-            recs[kind] = _add_pair(b, name, "inference", f"{n}x" + "x".join(map(str, shape)), n,
-                                   times, first, comp)
+            if name in timed:
+                recs[kind] = _add_pair(b, name, "inference", f"{n}x" + "x".join(map(str, shape)), n,
+                                       *timed[name])
         if "plain" in recs and "certify" in recs:
             for k, r in recs["certify"].items():
                 if k in recs["plain"]:
@@ -736,28 +755,24 @@ def bench_scaling(b: Bench) -> None:
     else:
         batches, iters_list = [32, 256, 1024], [0, 10, 20]
     shp = "x".join(map(str, shape))
-    for n in batches:
-        name = f"scale/batch/{arch}/b{n}"
-        if not b.wanted(name):
-            continue
-        b.log(f"  {name}")
-        fns = _step_callables(b, arch, "gloro", n, iters0)
-        if fns:
-            times, first, comp = _time_pair(b, name, fns)
-            recs = _add_pair(b, name, "scaling", f"{n}x{shp} p={iters0}", n, times, first, comp)
+    names = [f"scale/batch/{arch}/b{n}" for n in batches if b.wanted(f"scale/batch/{arch}/b{n}")]
+    if names:
+        b.log(f"  scale/batch/{arch} (interleaved)")
+        groups = {nm: _step_callables(b, arch, "gloro", int(nm.rsplit("b", 1)[1]), iters0) for nm in names}
+        for nm, (times, first, comp) in _time_group(b, f"scale/batch/{arch}", groups).items():
+            n = int(nm.rsplit("b", 1)[1])
+            recs = _add_pair(b, nm, "scaling", f"{n}x{shp} p={iters0}", n, times, first, comp)
             for r in recs.values():
                 r["per_instance_us"] = r["median_ms"] * 1e3 / n
                 r["note"] = f"{r['per_instance_us']:.0f} us/instance"
     by_p = {}
-    for p in iters_list:
-        name = f"scale/iters/{arch}/p{p}"
-        if not b.wanted(name):
-            continue
-        b.log(f"  {name}")
-        fns = _step_callables(b, arch, "gloro", BATCH, p)
-        if fns:
-            times, first, comp = _time_pair(b, name, fns)
-            by_p[p] = _add_pair(b, name, "scaling", f"{BATCH}x{shp} p={p}", BATCH, times, first,
+    names = [f"scale/iters/{arch}/p{p}" for p in iters_list if b.wanted(f"scale/iters/{arch}/p{p}")]
+    if names:
+        b.log(f"  scale/iters/{arch} (interleaved)")
+        groups = {nm: _step_callables(b, arch, "gloro", BATCH, int(nm.rsplit("p", 1)[1])) for nm in names}
+        for nm, (times, first, comp) in _time_group(b, f"scale/iters/{arch}", groups).items():
+            p = int(nm.rsplit("p", 1)[1])
+            by_p[p] = _add_pair(b, nm, "scaling", f"{BATCH}x{shp} p={p}", BATCH, times, first,
                                 comp, power_iters=p)
     # cost of one power iteration (all layers, batch-1 iterates): slope from fewest to most
     if len(by_p) >= 2:
@@ -1059,6 +1074,7 @@ def parse_args(argv=None):
     # K's value does not change the time of a certified forward pass; the paper's tolerance
     # (1e-5) makes our float64 power method slow, so only --full pays for it
     a.freeze_tol = 1e-5 if a.full else 1e-3
+    a.freeze_max_iter = None if a.full else 200
     return a
 
 
