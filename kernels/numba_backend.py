@@ -15,10 +15,11 @@ matrix stays cache-sized, so the full (N*P, K) matrix is never materialised:
 With a single-sample chunk (nb = 1, the power method's iterates) the (O, P)
 matrices are the NCHW sample itself, so the GEMM reads/writes it in place.
 
-im2col/col2im move whole blocks, not elements: for stride-1 convs whose output
-width equals the input width (SAME), a patch row is the flat input plane shifted
-by a constant, i.e. one contiguous copy plus zeroed edge columns; otherwise one
-2-D strided block copy per (sample, patch row). Every loop nest is compiled
+im2col moves whole blocks, not elements: for stride-1 convs whose output width
+equals the input width (SAME), a patch row is the flat input plane shifted by a
+constant, i.e. one contiguous copy plus zeroed edge columns; otherwise one 2-D
+strided block copy per (sample, patch row). col2im adds with explicit row loops
+(a sliced ``+=`` in Numba builds a temporary), one task per (sample, channel). Every loop nest is compiled
 twice (_Twin): small work runs the serial copy, with no parallel launch.
 
 Measured against the ``numpy`` backend (single-threaded BLAS, paper shapes, see
@@ -163,7 +164,6 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
         c = t - m * c_in
         plane = gx[n0 + m, c]
         plane[:, :] = 0
-        flat = plane.reshape(h * w)
         base = m * p_sz
         for p in range(kh):
             for q in range(kw):
@@ -172,37 +172,19 @@ def _col2im(gcols, n0, gx, kh, kw, sh, sw, pt, pl, oh, ow):
                 j_hi = min(ow, (w - 1 - q + pl) // sw + 1)
                 if j_hi <= j_lo:
                     continue
-                i_lo = max(0, pt - p)
-                i_hi = min(oh, h - p + pt)
-                if sh == 1 and sw == 1 and ow == w and i_lo < i_hi:
-                    # stride-1 SAME (see _im2col): one contiguous add of the row segment,
-                    # with the wrapped-around edge columns zeroed in a copy first (adding
-                    # 0 is exact, so this equals the per-row scatter bit for bit)
-                    a = i_lo * ow + j_lo
-                    b = (i_hi - 1) * ow + j_hi
-                    seg = gcols[r, base + a:base + b].copy()
-                    for i in range(i_lo, i_hi):
-                        for j in range(j_lo):
-                            k = i * ow + j - a
-                            if k >= 0:
-                                seg[k] = 0
-                        for j in range(j_hi, ow):
-                            k = i * ow + j - a
-                            if k < b - a:
-                                seg[k] = 0
-                    delta = (p - pt) * w + (q - pl)
-                    flat[a + delta:b + delta] += seg
-                    continue
                 i_lo = (pt - p + sh - 1) // sh if pt > p else 0
                 i_hi = min(oh, (h - 1 - p + pt) // sh + 1)
-                if i_hi <= i_lo:
-                    continue
-                w_lo = j_lo * sw + q - pl
-                w_hi = (j_hi - 1) * sw + q - pl + 1
-                h_lo = i_lo * sh + p - pt
-                h_hi = (i_hi - 1) * sh + p - pt + 1
-                blk = gcols[r, base:base + p_sz].reshape(oh, ow)
-                plane[h_lo:h_hi:sh, w_lo:w_hi:sw] += blk[i_lo:i_hi, j_lo:j_hi]
+                # explicit loops: a sliced "+=" would build a temporary per row block
+                for i in range(i_lo, i_hi):
+                    prow = plane[i * sh + p - pt]
+                    src = gcols[r, base + i * ow:base + (i + 1) * ow]
+                    if sw == 1:  # unit stride: a plain vectorisable loop
+                        off = q - pl
+                        for j in range(j_lo, j_hi):
+                            prow[j + off] += src[j]
+                    else:
+                        for j in range(j_lo, j_hi):
+                            prow[j * sw + q - pl] += src[j]
 
 
 @_Twin
