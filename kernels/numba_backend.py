@@ -22,10 +22,10 @@ strided block copy per (sample, patch row). col2im adds with explicit row loops
 (a sliced ``+=`` in Numba builds a temporary), one task per (sample, channel). Every loop nest is compiled
 twice (_Twin): small work runs the serial copy, with no parallel launch.
 
-Measured against the ``numpy`` backend (single-threaded BLAS, paper shapes, see
-the commit log): MinMax 3-13x faster; batch-1 convs on par (small ones 1.3-3x
-faster); batch-256 convs on par for stride 1 and 1.4-2x slower for stride 2;
-dense identical (same BLAS calls).
+Measured against the ``numpy`` backend (1 BLAS/Numba thread, paper shapes,
+float32): MinMax 2.5-13x faster; batch-1 convs within +-30% (the smallest 1.3-5x
+faster); batch-256 convs mostly 1.1-2x slower (a few stride-1 forwards 1.1-1.2x
+faster); dense the same BLAS calls.
 
 Dense layers are one BLAS call each; MinMax is a Numba loop over channel pairs.
 Every array keeps the input dtype (float32 stays float32). Inputs arrive
