@@ -450,3 +450,26 @@ def minmax_grad(x, gy):
     else:
         _minmax_grad(x3.size, x3, g3, gx)
     return gx.reshape(x.shape)
+
+
+# ---------------------------------------------------------------- ReLU gradient (jitted)
+
+@_Twin
+def _relu_grad(out, gy, gx):
+    """Flat arrays: gx = gy where out > 0, else 0 (NaN in ``out`` gives 0, as np.where)."""
+    for i in prange(out.shape[0]):
+        gx[i] = gy[i] if out[i] > 0 else 0
+
+
+@register("relu_grad", "numba")
+def relu_grad(out, gy):
+    """out = relu(x), gy (same shape) -> gx = gy where out > 0, else 0.
+
+    One fused pass (np.where(out > 0, gy, 0) builds a bool mask and, on this numpy,
+    takes a slow masked path: measured 10x slower at 6.4M float32).
+    """
+    o = np.ascontiguousarray(out).reshape(-1)
+    g = np.ascontiguousarray(gy).reshape(-1)
+    gx = np.empty(g.shape, dtype=gy.dtype)
+    _relu_grad(o.size, o, g, gx)
+    return gx.reshape(gy.shape)

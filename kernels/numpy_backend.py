@@ -258,3 +258,9 @@ def minmax_grad(x, gy):
     np.copyto(out[:, :, 0], gr[:, :, 1], where=swap)
     np.copyto(out[:, :, 1], gr[:, :, 0], where=swap)
     return gx
+
+
+@register("relu_grad", "numpy")
+def relu_grad(out, gy):
+    """out = relu(x), gy (same shape) -> gx = gy where out > 0, else 0."""
+    return np.where(out > 0, gy, np.zeros((), dtype=gy.dtype))

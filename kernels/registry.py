@@ -27,7 +27,17 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
 # Default per op for NumPy arrays: whichever CPU backend measures faster
 # (bench/run.py); ops not listed use DEFAULT_CPU.
 DEFAULT_CPU = "numpy"
-DEFAULT_CPU_BY_OP: dict[str, str] = {}
+DEFAULT_CPU_BY_OP: dict[str, str] = {
+    # one fused pass; NumPy's np.where(out > 0, g, 0) measured ~10x slower at 6.4M float32
+    "relu_grad": "numba",
+}
+# Defaults for a batch of one (``like.shape[0] == 1``: the power method's iterates), where
+# Python/im2col overhead dominates the small GEMM; bench/run.py and the kernel notes measured
+# numba 1.1-2x faster than numpy there. Consulted before DEFAULT_CPU_BY_OP.
+DEFAULT_CPU_BATCH1_BY_OP: dict[str, str] = {
+    "conv2d": "numba",
+    "conv2d_grad_input": "numba",
+}
 DEFAULT_GPU = "cupy"
 
 ENV_VAR = "GLORO_BACKEND"
@@ -103,7 +113,7 @@ def select(op: str, like, backend: str | None = None) -> str:
         elif env and env not in BACKEND_MODULES:
             raise ValueError(f"{ENV_VAR}={env!r} is not a backend; known: {sorted(BACKEND_MODULES)}")
     if backend is None:
-        backend = DEFAULT_GPU if device == "gpu" else DEFAULT_CPU_BY_OP.get(op, DEFAULT_CPU)
+        backend = DEFAULT_GPU if device == "gpu" else _default_cpu(op, like)
     if backend not in BACKEND_MODULES:
         raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_MODULES)}")
     if device_of(backend) != device:
@@ -112,6 +122,19 @@ def select(op: str, like, backend: str | None = None) -> str:
             f"{'CuPy' if device == 'gpu' else 'NumPy'} array"
         )
     return backend
+
+
+def _default_cpu(op: str, like) -> str:
+    """The per-op (and batch-1) CPU default; DEFAULT_CPU when that backend is unavailable."""
+    name = None
+    shape = getattr(like, "shape", ())
+    if len(shape) and shape[0] == 1:
+        name = DEFAULT_CPU_BATCH1_BY_OP.get(op)
+    if name is None:
+        name = DEFAULT_CPU_BY_OP.get(op)
+    if name is None or _load(name) is not None:
+        return DEFAULT_CPU
+    return name
 
 
 def get(op: str, backend: str):

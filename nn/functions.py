@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import kernels
+from kernels import registry
 from kernels.registry import array_module, is_gpu_array
 
 from .tensor import Tensor, make_result
@@ -527,6 +528,19 @@ def abs(x) -> Tensor:  # noqa: A001
     return make_result(xp.abs(x.data), (x,), backward, "abs")
 
 
+def _relu_grad(out, g):
+    """g where out > 0, else 0: the CPU kernel registered as "relu_grad" (one fused pass),
+    else np.where (GPU arrays, or a backend without the op)."""
+    xp = array_module(g)
+    if not is_gpu_array(g):
+        try:
+            name = registry.select("relu_grad", g)
+            return registry.get("relu_grad", name)(out, g)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return xp.where(out > 0, g, xp.zeros((), dtype=g.dtype))
+
+
 def relu(x) -> Tensor:
     """max(x, 0); the gradient at exactly 0 is 0."""
     x = as_tensor(x)
@@ -534,7 +548,7 @@ def relu(x) -> Tensor:
     out = xp.maximum(x.data, _scalar(0, x.dtype))  # NaN propagates (a where() would hide it)
 
     def backward(g):  # out > 0 exactly where x > 0: no mask kept alive
-        return (xp.where(out > 0, g, xp.zeros((), dtype=g.dtype)),)
+        return (_relu_grad(out, g),)
 
     return make_result(out, (x,), backward, "relu")
 
