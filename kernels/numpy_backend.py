@@ -36,6 +36,9 @@ from .registry import register
 # Target size of one chunk's cols matrix. A single sample larger than this
 # still forms one chunk.
 CHUNK_BYTES = 4 << 20
+# Stride-1 grad_input runs as a flipped-kernel conv from this many input channels up
+# (see conv2d_grad_input).
+FLIP_MIN_CHANNELS = 16
 
 _local = threading.local()
 
@@ -188,6 +191,17 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     (col2im), and the phases are scattered into gx (padding cropped; input pixels
     no window reached stay 0).
     """
+    if tuple(stride) == (1, 1) and w.shape[1] >= FLIP_MIN_CHANNELS:
+        # stride 1: the transposed conv is a plain conv of gy with the flipped, transposed
+        # kernel and "full minus pads" padding, so im2col + GEMM replaces GEMM + col2im
+        # (measured 1.1-1.25x faster at the paper's stride-1 layers with >= 32 input
+        # channels, batch 256; with 1 input channel the (1, O*kh*kw) GEMM is ~1.7x slower)
+        kh, kw = int(w.shape[2]), int(w.shape[3])
+        pt, pb, pl, pr = pads
+        tp = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
+        if min(tp) >= 0:
+            wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+            return conv2d(gy, wt, None, (1, 1), tp)
     g = _Geom(x_shape, w.shape, stride, pads)
     n = int(x_shape[0])
     w2t = w.reshape(g.o, g.k).T

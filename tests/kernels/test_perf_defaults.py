@@ -50,3 +50,34 @@ def test_unavailable_default_falls_back(monkeypatch):
     monkeypatch.setattr(registry, "DEFAULT_CPU_BY_OP", {"dense": "numba"})
     monkeypatch.setitem(registry._LOADED, "numba", "pretend: not installed")
     assert registry.select("dense", np.zeros((2, 3))) == registry.DEFAULT_CPU
+
+
+@pytest.mark.parametrize("c,o,h,w,kh,kw,padding", [
+    (16, 3, 7, 6, 3, 3, "same"),
+    (17, 4, 6, 9, 4, 2, "same"),      # even kernel: the extra pad is at the bottom/right
+    (16, 2, 5, 5, 3, 3, "valid"),
+    (20, 3, 6, 5, 2, 3, 1),
+    (16, 2, 5, 6, 2, 2, 3),           # padding > k-1: the col2im path
+])
+def test_numpy_stride1_grad_input_as_flipped_conv(c, o, h, w, kh, kw, padding):
+    """numpy's stride-1 grad_input for >= 16 input channels runs as a conv with the flipped
+    kernel: it must match the reference transposed conv and the adjoint identity."""
+    import kernels
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, c, h, w))
+    wt = rng.standard_normal((o, c, kh, kw))
+    y = kernels.conv2d(x, wt, None, 1, padding, backend="reference")
+    gy = rng.standard_normal(y.shape)
+    want = kernels.conv2d_grad_input(gy, wt, x.shape, 1, padding, backend="reference")
+    got = kernels.conv2d_grad_input(gy, wt, x.shape, 1, padding, backend="numpy")
+    assert got.shape == x.shape and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    got32 = kernels.conv2d_grad_input(gy.astype(np.float32), wt.astype(np.float32), x.shape, 1, padding,
+                                      backend="numpy")
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # <A x, gy> == <x, A^T gy>
+    lhs = float((y * gy).sum())
+    rhs = float((x * got).sum())
+    assert abs(lhs - rhs) <= 1e-10 * (abs(lhs) + 1)
