@@ -17,6 +17,7 @@ Workloads (record names in brackets; ``--only`` is a regex/substring on them):
   4. inference [infer/plain|certify|freezeK/<arch>] at batch 1024 with a frozen K (2C2F;
      every model with ``--full``, where K is frozen at the paper's tolerance 1e-5).
   5. scaling [scale/batch/2C2F/bN, scale/iters/2C2F/pK].
+  5b. OpenBLAS threads [threads/blasN/2C2F]: our GloRo step with BLAS at the run's count vs 1.
   6. peak memory [mem/<arch>]: tracemalloc peak during one GloRo step / batch (NumPy's
      allocations are traced). PyTorch's CPU allocator is not traced by tracemalloc, so for
      the side by side (2C2F; every model with ``--full``) both frameworks also run one step
@@ -172,6 +173,7 @@ def machine_info(threads: int) -> dict:
         "threads": threads,
         "numpy": np.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "blas_threads": int(os.environ.get("OPENBLAS_NUM_THREADS", threads)),
     }
     try:
         with open("/proc/cpuinfo") as fh:
@@ -394,7 +396,7 @@ def bench_kernels(b: Bench) -> None:
             return
     a = b.args
     layers = all_layers()
-    if a.full:
+    if a.full or a.only:  # --only selects from every shape
         conv_dense = list(layers)
         mm = [lab for lab in layers if not _is_last(lab)]  # activations follow all but the last
     elif a.quick:
@@ -655,7 +657,7 @@ def _time_group(b, label, groups: dict, reps: int | None = None) -> dict:
 
 def bench_steps(b: Bench) -> None:
     a = b.args
-    archs = ["2C2F"] if a.quick else list(MODELS)
+    archs = ["2C2F"] if a.quick and not a.only else list(MODELS)
     for arch in archs:
         shape, iters, _ = MODELS[arch]
         shp = "x".join(map(str, shape))
@@ -689,7 +691,7 @@ def bench_inference(b: Bench) -> None:
     a = b.args
     n = a.infer_batch
     # freezing K with provable bounds is slow on the larger models: those only with --full
-    archs = list(MODELS) if a.full else ["2C2F"]
+    archs = list(MODELS) if a.full or a.only else ["2C2F"]
     for arch in archs:
         names = [f"infer/plain/{arch}", f"infer/certify/{arch}"]
         if not any(b.wanted(nm) for nm in names):
@@ -784,12 +786,79 @@ def bench_scaling(b: Bench) -> None:
                 r["note"] = f"{per:+.2f} ms per power iteration (p={lo}..{hi})"
 
 
+# ============================================================== BLAS threads check
+def _openblas_set_threads():
+    """NumPy's bundled OpenBLAS thread setter via ctypes, or None (other BLAS, other build)."""
+    import ctypes
+    import glob
+
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libdir, "*openblas*.so*")):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by NumPy: the same handle, the same pool
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                return lambda n, fn=fn: fn(ctypes.c_int(int(n)))
+    return None
+
+
+def bench_blas_threads(b: Bench) -> None:
+    """Our 2C2F GloRo step with OpenBLAS at the run's thread count vs 1 thread, interleaved:
+    BLAS threads that spin while Numba's or other processes' threads hold the cores can
+    cost more than the parallel GEMMs gain."""
+    a = b.args
+    arch = "2C2F"
+    nb = int(os.environ.get("OPENBLAS_NUM_THREADS", a.threads))
+    counts = sorted({nb, 1}, reverse=True)
+    names = {n: f"threads/blas{n}/{arch}" for n in counts}
+    if len(counts) < 2 or not any(b.wanted(nm) for nm in names.values()):
+        return
+    setter = _openblas_set_threads()
+    if setter is None:
+        b.note("threads: NumPy's BLAS is not OpenBLAS (or its thread setter is not found): skipped")
+        return
+    ours = _ours_or_note(b, arch, "threads")
+    if ours is None:
+        return
+    b.log(f"  threads/blas{counts}/{arch} (interleaved)")
+    shape, iters, _ = MODELS[arch]
+    x, y = _synthetic(shape, BATCH)
+    groups = {}
+    for n in counts:
+        m = ours.build()
+        step = Ours.step_fn(m, Ours.optimizer(m), x, y, "gloro", iters)
+
+        def run(n=n, step=step):
+            setter(n)
+            return step()
+
+        groups[names[n]] = {"ours": run}
+    try:
+        timed = _time_group(b, "threads", groups)
+    finally:
+        setter(nb)
+    recs = {}
+    for n in counts:
+        if names[n] in timed:
+            recs[n] = _add_pair(b, names[n], "threads", f"{BATCH}x" + "x".join(map(str, shape)) +
+                                f" p={iters}", BATCH, *timed[names[n]])["ours"]
+            recs[n]["blas_threads"] = n
+    if len(recs) == 2:
+        r = recs[1]["median_ms"] / recs[nb]["median_ms"]
+        recs[1]["blas1_over_blasN"] = r
+        recs[1]["note"] = f"BLAS 1 thread / {nb} threads = {r:.2f}x (below 1: fewer BLAS threads are faster)"
+
+
 # ============================================================== workload 6: memory
 def bench_memory(b: Bench) -> None:
     import tracemalloc
 
     a = b.args
-    archs = ["2C2F"] if a.quick else list(MODELS)
+    archs = ["2C2F"] if a.quick and not a.only else list(MODELS)
     for arch in archs:
         name = f"mem/{arch}"
         if not b.wanted(name):
@@ -843,6 +912,8 @@ def _rss_child(b, fw, arch):
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", f"{fw}:{arch}",
            "--activation", b.args.activation, "--threads", str(b.args.threads),
            "--batch", str(BATCH)]
+    if b.args.blas_threads is not None:
+        cmd += ["--blas-threads", str(b.args.blas_threads)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -952,6 +1023,7 @@ def sections():
         ("overhead", "3. GloRo overhead"),
         ("inference", "4. inference (frozen K)"),
         ("scaling", "5. scaling (2C2F GloRo step)"),
+        ("threads", "5b. OpenBLAS threads (our 2C2F GloRo step; rest of the run uses the header's counts)"),
         ("memory", "6. peak memory per training instance"),
     ]
 
@@ -1005,7 +1077,8 @@ def header(b: Bench) -> str:
     m = b.meta
     lines = [
         f"GloRo engine benchmark  {m['date']}  mode={m['mode']}",
-        f"machine: {m.get('cpu', '?')}, {m['cores']} cores; threads={m['threads']} (BLAS, Numba, torch); "
+        f"machine: {m.get('cpu', '?')}, {m['cores']} cores; threads={m['threads']} (Numba, torch), "
+        f"{m.get('blas_threads', m['threads'])} (BLAS); "
         f"python {m['python']}, numpy {m['numpy']} ({m.get('blas', '?')})"
         + (f", numba {m['numba']}" if "numba" in m else ""),
         f"backends: {', '.join(m.get('backends', [])) or 'none'}; torch: {m.get('torch', 'not available')}",
@@ -1036,6 +1109,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write every record (and the machine info) as JSON")
     p.add_argument("--threads", type=int, default=None, help="threads for BLAS, Numba and torch "
                                                                 "(default: all cores)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="OpenBLAS threads if not --threads (1 avoids BLAS threads spinning "
+                        "against Numba's and other processes' threads)")
     p.add_argument("--activation", default="relu", choices=["relu", "minmax"])
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
     p.add_argument("--step-budget", type=float, default=None, metavar="S",
@@ -1093,6 +1169,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     BATCH = a.batch
     _set_threads(a.threads)
+    if a.blas_threads is not None:
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.blas_threads)
     if a.backend and len(a.backend) == 1:
         os.environ["GLORO_BACKEND"] = a.backend[0]
     import numpy
@@ -1137,6 +1215,7 @@ def main(argv=None) -> int:
 
     for title, fn in (("kernels", bench_kernels), ("training steps", bench_steps),
                       ("inference", bench_inference), ("scaling", bench_scaling),
+                      ("BLAS threads", bench_blas_threads),
                       ("memory", bench_memory)):
         b.log(f"[{time.perf_counter() - t_start:6.1f}s] {title}")
         try:

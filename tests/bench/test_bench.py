@@ -70,7 +70,7 @@ def test_torch_column_and_reference_scaling(tmp_path):
 
 
 def test_step_records_or_skip_note(tmp_path):
-    _, data = _run(tmp_path, "--only", "step/|overhead/", "--batch", "16", timeout=400)
+    _, data = _run(tmp_path, "--only", "step/.*/2C2F|overhead/2C2F", "--batch", "16", timeout=400)
     recs = [r for r in data["records"] if r["workload"] in ("step", "overhead")]
     have_model = importlib.util.find_spec("gloro_core.model") is not None
     if not have_model:
@@ -88,7 +88,8 @@ def test_step_records_or_skip_note(tmp_path):
 
 
 def test_memory_and_scaling_records(tmp_path):
-    _, data = _run(tmp_path, "--only", "mem/2C2F|scale/iters", "--batch", "16", "--no-torch", timeout=400)
+    _, data = _run(tmp_path, "--only", "mem/2C2F|scale/iters|threads", "--batch", "16", "--no-torch",
+                   "--threads", "2", timeout=400)
     if importlib.util.find_spec("gloro_core.model") is None:
         pytest.skip("the engine model is not there yet")
     recs = {(r["name"], r["backend"]): r for r in data["records"]}
@@ -100,6 +101,10 @@ def test_memory_and_scaling_records(tmp_path):
     p0, p5 = recs[("scale/iters/2C2F/p0", "ours")], recs[("scale/iters/2C2F/p5", "ours")]
     assert (p0["power_iters"], p5["power_iters"]) == (0, 5)
     assert p5["ms_per_power_iter"] == pytest.approx((p5["median_ms"] - p0["median_ms"]) / 5, rel=1e-9)
+    b2, b1 = recs.get(("threads/blas2/2C2F", "ours")), recs.get(("threads/blas1/2C2F", "ours"))
+    if b1 is not None:  # NumPy on OpenBLAS: the thread A/B ran
+        assert b1["blas_threads"] == 1 and b2["blas_threads"] == 2
+        assert b1["blas1_over_blasN"] == pytest.approx(b1["median_ms"] / b2["median_ms"], rel=1e-9)
 
 
 def test_bad_arguments_fail_cleanly():
