@@ -256,13 +256,15 @@ class GloroNet:
         h = x if isinstance(x, Tensor) else Tensor(self._check_x(x)[0])
         last = self.num_layers - 1
         for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
+            # ReLU fused into the layer's node (in place: no pre-activation kept or copied)
+            fuse = i < last and self.activation == "relu"
             if op.kind == "conv":
-                h = F.conv2d(h, w, b, op.stride, op.padding)
+                h = F.conv2d(h, w, b, op.stride, op.padding, relu=fuse)
             else:
                 if h.ndim != 2:
                     h = F.flatten(h)
-                h = F.dense(h, w, b)
-            if i < last:
+                h = F.dense(h, w, b, relu=fuse)
+            if i < last and not fuse:
                 h = self._act(h)
         return h
 

@@ -639,18 +639,32 @@ def _kernel_operands(x, w, b):
     return as_tensor(x, dt, like), as_tensor(w, dt, like), None if b is None else as_tensor(b, dt, like)
 
 
-def conv2d(x, w, b=None, stride=1, padding="same") -> Tensor:
+def _relu_inplace(out):
+    """max(out, 0) written over ``out`` (a fresh kernel output nobody else holds): NaN stays."""
+    array_module(out).maximum(out, _scalar(0, out.dtype), out=out)
+    return out
+
+
+def conv2d(x, w, b=None, stride=1, padding="same", relu=False) -> Tensor:
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (N, O, OH, OW).
 
     padding "same" (TensorFlow), "valid" or int; validation is the kernel API's.
+    relu=True returns relu(conv2d(...)) as one node: the same values and gradients as
+    ``relu(conv2d(...))``, but the ReLU is applied in place on the conv output, so the
+    pre-activation is neither kept alive for backward nor copied (less memory and one
+    fresh array fewer per layer).
     """
     x, w, b = _kernel_operands(x, w, b)
     parents = (x, w) if b is None else (x, w, b)
     bdata = None if b is None else b.data
     out = kernels.conv2d(_contig(x.data), _contig(w.data), bdata, stride, padding)
+    if relu:
+        _relu_inplace(out)
     kh, kw = w.shape[2], w.shape[3]
 
     def backward(g):  # gx = transposed conv of g; gw = correlation of x with g; gb = sum of g
+        if relu:
+            g = _relu_grad(out, g)
         g = _contig(g)
         gx = kernels.conv2d_grad_input(g, _contig(w.data), x.shape, stride, padding) if x.requires_grad else None
         gw = kernels.conv2d_grad_weight(_contig(x.data), g, (kh, kw), stride, padding) if w.requires_grad else None
@@ -659,17 +673,23 @@ def conv2d(x, w, b=None, stride=1, padding="same") -> Tensor:
         gb = kernels.conv2d_grad_bias(g) if b.requires_grad else None
         return gx, gw, gb
 
-    return make_result(out, parents, backward, "conv2d")
+    return make_result(out, parents, backward, "conv2d_relu" if relu else "conv2d")
 
 
-def dense(x, w, b=None) -> Tensor:
-    """x (N, in), w (out, in), b (out,) or None -> x w^T + b, (N, out)."""
+def dense(x, w, b=None, relu=False) -> Tensor:
+    """x (N, in), w (out, in), b (out,) or None -> x w^T + b, (N, out).
+
+    relu=True: relu(dense(...)) as one node, ReLU in place (see conv2d)."""
     x, w, b = _kernel_operands(x, w, b)
     parents = (x, w) if b is None else (x, w, b)
     bdata = None if b is None else b.data
     out = kernels.dense(_contig(x.data), _contig(w.data), bdata)
+    if relu:
+        _relu_inplace(out)
 
     def backward(g):  # gx = g W ; gW = g^T x ; gb = sum_n g
+        if relu:
+            g = _relu_grad(out, g)
         g = _contig(g)
         gx = kernels.dense_grad_input(g, _contig(w.data)) if x.requires_grad else None
         gw = kernels.dense_grad_weight(_contig(x.data), g) if w.requires_grad else None
@@ -678,7 +698,7 @@ def dense(x, w, b=None) -> Tensor:
         gb = kernels.dense_grad_bias(g) if b.requires_grad else None
         return gx, gw, gb
 
-    return make_result(out, parents, backward, "dense")
+    return make_result(out, parents, backward, "dense_relu" if relu else "dense")
 
 
 def minmax(x) -> Tensor:
