@@ -18,13 +18,15 @@ provable bounds of gloro_core.bounds unless told otherwise.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 import kernels
+from kernels import registry
 from kernels.registry import array_module
-from kernels.checks import check_stride, conv_out_hw, resolve_padding
+from kernels.checks import check_conv, check_stride, conv_out_hw, resolve_padding
 
 from . import bounds
 
@@ -84,7 +86,29 @@ class LinearOp:
 def _norm(a) -> float:
     """l2 norm accumulated in float64 (a float32 sum of squares could overflow/underflow)."""
     a64 = a.astype(np.float64, copy=False).ravel()
+    if isinstance(a, np.ndarray):  # the hot path of the power steps: no module lookups
+        return math.sqrt(float(np.dot(a64, a64)))  # IEEE sqrt: the same value as np.sqrt
     return float(array_module(a).sqrt(a64 @ a64))
+
+
+def _raw_ops(op: LinearOp, w, v):
+    """(apply, adjoint) as direct backend calls for iterates like ``v``, validated once.
+
+    The power steps call A and A^T ~2 * iters times per layer and step on batch-1
+    arrays, where the API's per-call validation and dispatch cost as much as the
+    kernels themselves; the first A v goes through the API (same checks, same errors),
+    the rest call the selected backend functions with the resolved stride/padding.
+    """
+    if op.kind == "conv":
+        s, pads, _ = check_conv(v.shape, w, op.stride, op.padding)
+        fa = registry.get("conv2d", registry.select("conv2d", v))
+        # A v has v's batch and array type, all that selection looks at
+        fb = registry.get("conv2d_grad_input", registry.select("conv2d_grad_input", v))
+        x_shape = tuple(v.shape)
+        return (lambda a: fa(a, w, None, s, pads)), (lambda b: fb(b, w, x_shape, s, pads))
+    fa = registry.get("dense", registry.select("dense", v))
+    fb = registry.get("dense_grad_input", registry.select("dense_grad_input", v))
+    return (lambda a: fa(a, w, None)), (lambda b: fb(b, w))
 
 
 def init_iterate(op: LinearOp, rng, dtype=np.float32):
@@ -94,26 +118,33 @@ def init_iterate(op: LinearOp, rng, dtype=np.float32):
     return v.astype(dtype)
 
 
-def power_steps(op: LinearOp, w, v, iters: int):
+def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
     """Run ``iters`` power steps from ``v``; returns (new iterate, sigma = ||A v_new||).
 
     w: the layer weight (raw array); v: (1, *in_shape), same dtype as w. ``v`` is not
-    modified. iters = 0 only evaluates sigma at v.
+    modified. iters = 0 only evaluates sigma at v. sigma=False skips the final A v and
+    returns None for sigma unless a zero norm ended the steps early (then 0.0).
     """
     if iters < 0:
         raise ValueError(f"power iterations must be >= 0, got {iters}")
-    for _ in range(int(iters)):
-        u = op.apply(w, v)
+    u = op.apply(w, v)  # validated through the API; the rest are direct backend calls
+    if not iters:
+        return v, (_norm(u) if sigma else None)
+    apply, adjoint = _raw_ops(op, w, v)
+    for it in range(int(iters)):
+        if it:
+            u = apply(v)
         nu = _norm(u)
         if nu == 0.0:  # A v = 0: the estimate is 0, keep v (see module docstring)
             return v, 0.0
-        u = u / u.dtype.type(nu)
-        z = op.adjoint(w, u)
+        u /= u.dtype.type(nu)  # u and z are fresh kernel outputs: divided in place
+        z = adjoint(u)
         nz = _norm(z)
         if nz == 0.0:
             return v, 0.0
-        v = z / z.dtype.type(nz)
-    return v, _norm(op.apply(w, v))
+        z /= z.dtype.type(nz)
+        v = z
+    return v, (_norm(apply(v)) if sigma else None)
 
 
 def converge(op: LinearOp, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=None):

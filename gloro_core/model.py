@@ -277,7 +277,7 @@ class GloroNet:
     def power_update(self, iters: int):
         """Run ``iters`` power steps on every stored iterate (no gradient)."""
         for i, op in enumerate(self.ops):
-            self.iterates[i], _ = power_steps(op, self.params[i][0].data, self.iterates[i], iters)
+            self.iterates[i], _ = power_steps(op, self.params[i][0].data, self.iterates[i], iters, sigma=False)
 
     def layer_sigmas(self, upto=None):
         """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only.
