@@ -39,6 +39,7 @@ import types
 
 import numpy as np
 
+from .numpy_backend import single_blas_thread as _single_blas_thread
 from .registry import register
 
 # Numba's OpenMP layer busy-waits between parallel regions by default, and every conv here
@@ -327,15 +328,20 @@ def conv2d(x, w, b, stride, pads):
     for n0 in range(0, n, nb):
         m = min(nb, n - n0)
         cm = cols if m == nb else np.empty((k, m * p), dtype=x.dtype)  # last, shorter chunk
-        _im2col(cm.size, x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
-        if nb == 1:
+        # a batch of one (the power iterates) always runs the serial loops: a parallel launch
+        # between BLAS calls stalls for whole time slices on a loaded machine
+        _im2col(cm.size if n > 1 else 0, x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        if n == 1:  # the power iterates: one BLAS thread (no barrier per small GEMM)
+            with _single_blas_thread():
+                np.dot(wmat, cm, out=y[n0])
+        elif nb == 1:
             np.dot(wmat, cm, out=y[n0])  # (O, P) is the sample itself
         else:
             ym = ymat if m == nb else np.empty((o, m * p), dtype=x.dtype)
             np.dot(wmat, cm, out=ym)
             _cols_to_nchw(ym.size, ym, n0, y, bias, b is not None)
     if nb == 1 and b is not None:
-        _add_bias(y.size, y, bias)
+        _add_bias(y.size if n > 1 else 0, y, bias)
     return y.reshape(n, o, oh, ow)
 
 
@@ -363,8 +369,12 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
             gm, gc = np.empty((o, m * p), dtype=gy.dtype), np.empty((k, m * p), dtype=gy.dtype)
         if nb > 1:
             _nchw_to_cols(gm.size, g3, n0, gm)
-        np.dot(wmat_t, gm, out=gc)
-        _col2im(gc.size, gc, n0, gx, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
+        if n == 1:  # (see conv2d)
+            with _single_blas_thread():
+                np.dot(wmat_t, gm, out=gc)
+        else:
+            np.dot(wmat_t, gm, out=gc)
+        _col2im(gc.size if n > 1 else 0, gc, n0, gx, kh, kw, sh, sw, pads[0], pads[2], oh, ow)  # (see conv2d)
     return gx
 
 
@@ -454,10 +464,10 @@ def minmax_grad(x, gy):
 
 # ---------------------------------------------------------------- ReLU gradient (jitted)
 
-@_Twin
+@njit(cache=True)
 def _relu_grad(out, gy, gx):
     """Flat arrays: gx = gy where out > 0, else 0 (NaN in ``out`` gives 0, as np.where)."""
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         gx[i] = gy[i] if out[i] > 0 else 0
 
 
@@ -471,5 +481,7 @@ def relu_grad(out, gy):
     o = np.ascontiguousarray(out).reshape(-1)
     g = np.ascontiguousarray(gy).reshape(-1)
     gx = np.empty(g.shape, dtype=gy.dtype)
-    _relu_grad(o.size, o, g, gx)
+    # serial: one memory-bound pass gains little from a second thread, and a parallel
+    # launch between BLAS calls stalls on a loaded machine
+    _relu_grad(o, g, gx)
     return gx.reshape(gy.shape)

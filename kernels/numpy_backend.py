@@ -57,6 +57,106 @@ def _scratch(slot: str, shape, dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
+# ---------------------------------------------------------------- BLAS threads
+# With T > 1 BLAS threads, OpenBLAS parallelises every chunk's GEMM on its own, and each
+# call ends with a barrier: on a loaded machine a worker thread waits for a time slice at
+# every one of the hundreds of chunk GEMMs of a step (measured: 4C3F step 0.4 s with 1
+# thread, 2-8 s with 2 while two other jobs held both cores). Instead the chunks are
+# split over T Python threads, each calling a single-threaded BLAS (NumPy releases the
+# GIL in matmul and in large copies): one join per op, and no spinning.
+
+class _Blas:
+    """numpy's OpenBLAS through ctypes: configured threads and a thread-local override."""
+
+    def __init__(self):
+        self.get = self.set_local = None
+        try:
+            import ctypes
+            import glob
+            import os
+
+            libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
+                lib = ctypes.CDLL(path)
+                get = next((getattr(lib, f) for f in ("scipy_openblas_get_num_threads64_",
+                                                      "scipy_openblas_get_num_threads_64_",
+                                                      "openblas_get_num_threads") if hasattr(lib, f)), None)
+                if get is not None and hasattr(lib, "openblas_set_num_threads_local"):
+                    self.get, self.set_local = get, lib.openblas_set_num_threads_local
+                    self.get.restype = self.set_local.restype = ctypes.c_int
+                    self.set_local.argtypes = [ctypes.c_int]
+                    break
+        except Exception:  # unknown BLAS build: every op runs as before, on one Python thread
+            self.get = self.set_local = None
+
+    def threads(self) -> int:
+        return int(self.get()) if self.get is not None else 1
+
+
+_BLAS = None
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _blas() -> _Blas:
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _Blas()
+    return _BLAS
+
+
+class single_blas_thread:
+    """Context: BLAS calls of this thread use one BLAS thread (no-op if unsupported)."""
+
+    def __enter__(self):
+        lib = _blas()
+        self.prev = lib.set_local(1) if lib.set_local is not None else None
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            _blas().set_local(self.prev)
+
+
+def _pool(workers: int):
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gloro-numpy")
+        return _POOL
+
+
+def _groups(n: int, step: int):
+    """Chunk starts 0, step, ... < n split into contiguous groups, one per worker thread."""
+    starts = list(range(0, n, step))
+    t = min(_blas().threads(), len(starts)) if _blas().set_local is not None else 1
+    if t <= 1:
+        return [starts]
+    k, r = divmod(len(starts), t)
+    out, i = [], 0
+    for j in range(t):
+        c = k + (1 if j < r else 0)
+        out.append(starts[i:i + c])
+        i += c
+    return out
+
+
+def _run_groups(groups, fn):
+    """[fn(group) for group in groups]; with several groups, in threads with 1 BLAS thread each."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
+
+    def one(group):
+        with single_blas_thread():
+            return fn(group)
+
+    futs = [_pool(len(groups) - 1).submit(one, grp) for grp in groups[1:]]
+    first = one(groups[0])
+    return [first] + [f.result() for f in futs]
+
+
 def _span(a: int, s: int, pad: int, n_in: int, n_ph: int):
     """Rows i of phase ``a`` (padded row s*i + a) that hold input rows, i < n_ph.
 
@@ -153,16 +253,20 @@ def conv2d(x, w, b, stride, pads):
     w2 = w.reshape(g.o, g.k)
     y = np.empty((n, g.o, g.oh, g.ow), dtype=x.dtype)
     step = g.chunk(n, x.itemsize)
-    for n0 in range(0, n, step):
-        xc = x[n0:n0 + step]
-        m = xc.shape[0]
-        yc = _scratch("out", (g.o, m * g.t), x.dtype)
-        np.matmul(w2, _im2col(xc, g), out=yc)
-        yv = yc.reshape(g.o, m, g.oh, g.wph)[:, :, :, :g.ow].transpose(1, 0, 2, 3)
-        if b is None:
-            y[n0:n0 + m] = yv
-        else:
-            np.add(yv, b[:, None, None], out=y[n0:n0 + m])
+
+    def run(starts):
+        for n0 in starts:
+            xc = x[n0:n0 + step]
+            m = xc.shape[0]
+            yc = _scratch("out", (g.o, m * g.t), x.dtype)
+            np.matmul(w2, _im2col(xc, g), out=yc)
+            yv = yc.reshape(g.o, m, g.oh, g.wph)[:, :, :, :g.ow].transpose(1, 0, 2, 3)
+            if b is None:
+                y[n0:n0 + m] = yv
+            else:
+                np.add(yv, b[:, None, None], out=y[n0:n0 + m])
+
+    _run_groups(_groups(n, step), run)
     return y
 
 
@@ -172,13 +276,21 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     g = _Geom(x.shape, w_shape, stride, pads)
     n = x.shape[0]
     # accumulated transposed: cols @ gy2.T ran ~1.25x faster in OpenBLAS than gy2 @ cols.T
-    gwt = np.zeros((g.k, g.o), dtype=x.dtype)
-    part = _scratch("gw", (g.k, g.o), x.dtype)
     step = g.chunk(n, x.itemsize)
-    for n0 in range(0, n, step):
-        cols = _im2col(x[n0:n0 + step], g)
-        np.matmul(cols, _gy_wide(gy[n0:n0 + step], g).T, out=part)
-        gwt += part
+
+    def run(starts):  # one accumulator per group, summed in group order (deterministic)
+        gwt = np.zeros((g.k, g.o), dtype=x.dtype)
+        part = _scratch("gw", (g.k, g.o), x.dtype)
+        for n0 in starts:
+            cols = _im2col(x[n0:n0 + step], g)
+            np.matmul(cols, _gy_wide(gy[n0:n0 + step], g).T, out=part)
+            gwt += part
+        return gwt
+
+    parts = _run_groups(_groups(n, step), run)
+    gwt = parts[0]
+    for other in parts[1:]:
+        gwt += other
     return np.ascontiguousarray(gwt.T).reshape(w_shape)
 
 
@@ -207,27 +319,35 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     w2t = w.reshape(g.o, g.k).T
     gx = np.zeros((n, g.c, g.h, g.w), dtype=gy.dtype)
     step = g.chunk(n, gy.itemsize)
-    for n0 in range(0, n, step):
-        gc = gy[n0:n0 + step]
-        m = gc.shape[0]
-        gcols = _scratch("cols", (g.k, m * g.t), gy.dtype)
-        np.matmul(w2t, _gy_wide(gc, g), out=gcols)
-        g5 = gcols.reshape(g.c, g.kh, g.kw, m, g.t)
-        gph = _scratch("phase", (g.c, m, g.sh, g.sw, g.hph, g.wph), gy.dtype)
-        gph.fill(0)
-        flat = gph.reshape(g.c, m, g.sh, g.sw, g.hph * g.wph)
-        for p, q, a, b, off in g.offsets():
-            flat[:, :, a, b, off:off + g.t] += g5[:, p, q]
-        gt = gx[n0:n0 + m].transpose(1, 0, 2, 3)
-        for a, b, ri, rj, si, sj in g.phase_blocks():
-            gt[:, :, si, sj] = gph[:, :, a, b, ri, rj]
+
+    def run(starts):
+        for n0 in starts:
+            gc = gy[n0:n0 + step]
+            m = gc.shape[0]
+            gcols = _scratch("cols", (g.k, m * g.t), gy.dtype)
+            np.matmul(w2t, _gy_wide(gc, g), out=gcols)
+            g5 = gcols.reshape(g.c, g.kh, g.kw, m, g.t)
+            gph = _scratch("phase", (g.c, m, g.sh, g.sw, g.hph, g.wph), gy.dtype)
+            gph.fill(0)
+            flat = gph.reshape(g.c, m, g.sh, g.sw, g.hph * g.wph)
+            for p, q, a, b, off in g.offsets():
+                flat[:, :, a, b, off:off + g.t] += g5[:, p, q]
+            gt = gx[n0:n0 + m].transpose(1, 0, 2, 3)
+            for a, b, ri, rj, si, sj in g.phase_blocks():
+                gt[:, :, si, sj] = gph[:, :, a, b, ri, rj]
+
+    _run_groups(_groups(n, step), run)
     return gx
 
 
 @register("dense", "numpy")
 def dense(x, w, b):
     """x (N, I), w (O, I), b (O,) or None -> x @ w.T + b (N, O)."""
-    y = x @ w.T
+    if x.shape[0] == 1:  # the power iterates: a matrix-vector product, one BLAS thread
+        with single_blas_thread():
+            y = x @ w.T
+    else:
+        y = x @ w.T
     if b is not None:
         y += b
     return y
@@ -236,12 +356,19 @@ def dense(x, w, b):
 @register("dense_grad_input", "numpy")
 def dense_grad_input(gy, w):
     """gy (N, O), w (O, I) -> gy @ w (N, I)."""
+    if gy.shape[0] == 1:
+        with single_blas_thread():
+            return gy @ w
     return gy @ w
 
 
 @register("dense_grad_weight", "numpy")
 def dense_grad_weight(x, gy):
     """x (N, I), gy (N, O) -> gy.T @ x (O, I)."""
+    if x.shape[0] == 1:
+        # an outer product: one multiply per entry, the same values as the GEMM, which
+        # took 2-7x longer at N=1
+        return np.multiply(gy.reshape(-1, 1), x.reshape(1, -1))
     return gy.T @ x
 
 

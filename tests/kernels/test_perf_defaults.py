@@ -81,3 +81,52 @@ def test_numpy_stride1_grad_input_as_flipped_conv(c, o, h, w, kh, kw, padding):
     lhs = float((y * gy).sum())
     rhs = float((x * got).sum())
     assert abs(lhs - rhs) <= 1e-10 * (abs(lhs) + 1)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("stride,c", [(1, 16), (2, 3), (1, 3)])
+def test_numpy_conv_chunks_split_over_threads(monkeypatch, threads, stride, c):
+    """With several BLAS threads the numpy backend splits the batch's chunks over Python
+    threads (1 BLAS thread each): results match the reference and the 1-thread run."""
+    import kernels
+    import kernels.numpy_backend as nb
+
+    if nb._blas().set_local is None:
+        pytest.skip("numpy's BLAS has no thread-local thread control here")
+    rng = np.random.default_rng()
+    x = rng.standard_normal((7, c, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)  # one sample per chunk: 7 chunks
+    results = {}
+    for t in (1, threads):
+        monkeypatch.setattr(nb._blas(), "threads", lambda t=t: t)
+        assert len(nb._groups(7, 1)) == min(t, 7)
+        y = kernels.conv2d(x, w, b, stride, "same", backend="numpy")
+        gy = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
+        gx = kernels.conv2d_grad_input(gy, w, x.shape, stride, "same", backend="numpy")
+        gw = kernels.conv2d_grad_weight(x, gy, (3, 3), stride, "same", backend="numpy")
+        results[t] = (y, gx, gw, gy)
+    y1, gx1, gw1, gy = results[1]
+    yt, gxt, gwt, _ = results[threads]
+    np.testing.assert_array_equal(yt, y1)
+    np.testing.assert_array_equal(gxt, gx1)
+    np.testing.assert_allclose(gwt, gw1, rtol=1e-5, atol=1e-5 * np.abs(gw1).max())
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    want_y = kernels.conv2d(x64, w64, b.astype(np.float64), stride, "same", backend="reference")
+    want_gx = kernels.conv2d_grad_input(gy64, w64, x.shape, stride, "same", backend="reference")
+    want_gw = kernels.conv2d_grad_weight(x64, gy64, (3, 3), stride, "same", backend="reference")
+    for got, want in ((yt, want_y), (gxt, want_gx), (gwt, want_gw)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_dense_grad_weight_batch1_is_the_outer_product():
+    import kernels
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((1, 37)).astype(np.float32)
+    gy = rng.standard_normal((1, 11)).astype(np.float32)
+    got = kernels.dense_grad_weight(x, gy, backend="numpy")
+    assert got.shape == (11, 37) and got.dtype == np.float32
+    # a float32 product is correctly rounded: equal to the exact float64 product rounded
+    np.testing.assert_array_equal(got, (gy.T.astype(np.float64) @ x.astype(np.float64)).astype(np.float32))
