@@ -1,0 +1,77 @@
+"""The cheap norm-wise rounding bound: it covers the real float32 error, and
+certification built on it decides exactly as (or better than) the tight bound."""
+import numpy as np
+import pytest
+
+from gloro_core import GloroNet, bounds, rounding
+
+CONV = [{"type": "conv", "filters": 6, "kernel": 3, "stride": 2, "padding": "same"},
+        {"type": "conv", "filters": 8, "kernel": 3, "stride": 1, "padding": "valid"},
+        {"type": "dense", "units": 12}, {"type": "dense", "units": 4}]
+
+
+def _twin64(net):
+    """The same weights in a float64 net: its logits stand in for exact arithmetic."""
+    twin = GloroNet(net.input_shape, net.num_classes, net.layers, activation=net.activation, eps=net.eps,
+                    dtype=np.float64)
+    for (w, b), (w2, b2) in zip(net.params, twin.params):
+        w2.data[...] = w.data.astype(np.float64)
+        b2.data[...] = b.data.astype(np.float64)
+    return twin
+
+
+@pytest.mark.parametrize("activation", ["relu", "minmax"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_cheap_bound_covers_the_float32_error(rng, activation, scale):
+    net = GloroNet((2, 9, 8), 4, CONV, activation=activation, eps=0.1, seed=int(rng.integers(1 << 30)))
+    for w, b in net.params:   # non-zero biases so their term is exercised
+        b.data[...] = rng.normal(size=b.shape).astype(np.float32)
+    x64 = rng.random((30, 2, 9, 8)) * scale             # float64 input: the cast is a rounding too
+    fr = net._fresh_frozen()
+    y32, err = net._forward_norm_error(x64, fr)
+    exact = _twin64(net).logits(x64)
+    actual = np.abs(y32.astype(np.float64) - exact)
+    assert np.all(actual <= err), (actual / err).max()
+    assert np.any(actual > 0)                          # float32 really rounds here
+    # and a usable one: within two orders of magnitude of the tight per-coordinate bound
+    _, tight = net._forward_with_error(x64)
+    assert np.all(actual <= tight)
+    assert err.max() < 100 * tight.max(), err.max() / tight.max()
+
+
+def test_abs_operator_bound_vs_explicit_matrix(rng):
+    for stride, pad in [(1, "same"), (2, "same"), (2, "valid"), (3, "same")]:
+        w = rng.normal(size=(5, 3, 3, 3))
+        m = np.abs(bounds.conv_matrix_direct(np.abs(w), (7, 6), stride, pad))
+        exact = np.linalg.norm(m, 2)
+        assert exact <= rounding.abs_operator_bound(w, "conv")
+    wd = rng.normal(size=(7, 11))
+    assert np.linalg.norm(np.abs(wd), 2) <= rounding.abs_operator_bound(wd, "dense")
+    with pytest.raises(ValueError, match="kind"):
+        rounding.abs_operator_bound(wd, "pool")
+
+
+def test_fast_and_tight_paths_decide_alike(rng):
+    net = GloroNet((2, 9, 8), 4, CONV, eps=0.02, seed=3)
+    x = rng.random((200, 2, 9, 8)).astype(np.float32)
+    fast_pred, fast_r = net.certify(x, tight_radius=False)
+    pred, r = net.certify(x)
+    assert np.array_equal(fast_pred, pred)
+    # up to the float32 rounding of logits recomputed on a sub-batch
+    assert np.all(fast_r <= r * (1 + 1e-5) + 1e-9)
+    gl = net.gloro_logits(x)
+    am = gl.argmax(axis=1)
+    assert np.array_equal(np.where(am == 4, -1, am), pred)
+    # the tight bound alone never certifies a point the combined decision rejects
+    y, err = net._forward_with_error(x)
+    k_pair = net._pair_k(net.lipschitz()["k_sub"])
+    _, _, tight_cert, _ = net._decide(y.astype(np.float64), err, k_pair, net.eps)
+    assert np.all(~tight_cert | (pred != -1))
+    assert 0 < (pred != -1).sum() < len(x)              # a mix, so the comparison says something
+
+
+def test_sq_norms_upper_bound(rng):
+    x = rng.random((6, 1000)).astype(np.float32)
+    exact = (x.astype(np.float64) ** 2).sum(axis=1)
+    got = rounding.sq_norms(x)
+    assert np.all(got >= exact) and np.all(got <= exact * (1 + 1e-3))
