@@ -222,7 +222,7 @@ class GloroNet:
         """A hash of every weight (biases do not enter K): the frozen-K cache key."""
         h = hashlib.blake2b(digest_size=16)
         for w, _ in self.params:
-            h.update(np.ascontiguousarray(_host(w.data)).tobytes())
+            h.update(np.ascontiguousarray(_host(w.data)))  # buffer protocol: no copy
         return h.hexdigest()
 
     # ------------------------------------------------------------------ input checks
@@ -501,7 +501,11 @@ class GloroNet:
 
     def _rounding_constants(self, fr):
         """Per-layer constants of the norm-wise bound, cached with the frozen numbers."""
-        key = (fr["version"], tuple(fr["provable"]), tuple(fr["power"]))
+        # biases enter the rounding bound (not K), so they are part of the key
+        hb = hashlib.blake2b(digest_size=16)
+        for _, b in self.params:
+            hb.update(np.ascontiguousarray(_host(b.data)))
+        key = (fr["version"], hb.hexdigest(), tuple(fr["provable"]), tuple(fr["power"]))
         cached = getattr(self, "_rounding_cache", None)
         if cached is None or cached[0] != key:
             last = self.num_layers - 1

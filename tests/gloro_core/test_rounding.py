@@ -75,3 +75,13 @@ def test_sq_norms_upper_bound(rng):
     exact = (x.astype(np.float64) ** 2).sum(axis=1)
     got = rounding.sq_norms(x)
     assert np.all(got >= exact) and np.all(got <= exact * (1 + 1e-3))
+
+
+def test_bias_change_refreshes_the_rounding_constants(rng):
+    """Biases do not enter K but do enter the rounding bound: a cached bound must follow them."""
+    net = GloroNet((2, 9, 8), 4, CONV, eps=0.02, seed=5)
+    x = rng.random((5, 2, 9, 8)).astype(np.float32)
+    _, err_before = net._forward_norm_error(x, net._fresh_frozen())
+    net.params[0][1].data[...] = np.float32(50.0)
+    _, err_after = net._forward_norm_error(x, net._fresh_frozen())
+    assert np.all(err_after > 2 * err_before)
