@@ -426,8 +426,9 @@ class GloroNet:
 
         Per linear layer with computed input h (exact values of the model dtype) and
         input error e: the computed output ŷ = fl(W h + b) obeys the standard dot-product
-        bound |ŷ - (W h + b)| <= gamma_{k+1} (|W| |h| + |b|), gamma_k = k u / (1 - k u),
-        u the unit roundoff, k the fan-in (any summation order, FMA or not), and the
+        bound |ŷ - (W h + b)| <= gamma_{k+1} (|W| |h| + |b|) + (k+1) tiny, gamma_k =
+        k u / (1 - k u), u the unit roundoff, k the fan-in (any summation order, FMA or
+        not), tiny the smallest subnormal (products that underflow), and the
         exact output differs by |W| e more. So e_out = |W| (e + gamma |h|) + gamma |b|,
         evaluated in float64 and inflated by 1e-6 relative for float64's own rounding.
         ReLU and MinMax are exact and 1-Lipschitz per coordinate (MinMax per pair:
@@ -456,6 +457,7 @@ class GloroNet:
                     src = src.reshape(src.shape[0], -1)
                 h = kernels.dense(h, wd, bd)
                 e = kernels.dense(src, aw, None) + gamma * xp.abs(bd.astype(np.float64))[None, :]
+            e += fan * float(np.finfo(self.dtype).smallest_subnormal)  # products that underflow
             e *= 1.0 + 1e-6
             if i < last:
                 if self.activation == "relu":
@@ -541,6 +543,7 @@ class GloroNet:
             r = np.where(kj > 0, margin / kj, np.where(margin > 0, np.inf, 0.0))
         r[rows, j] = np.inf
         radius = np.maximum(r.min(axis=1), 0.0)
+        radius[np.isnan(radius)] = 0.0   # overflowed logits (inf - inf): not certified, radius 0
         return j, ybot, certified, radius
 
     def _certify_core(self, x, eps, bound, tight_rows="open"):
@@ -575,6 +578,7 @@ class GloroNet:
             # the tight bound holds for the logits of its own pass (a batch of other size
             # may run other kernels and round differently), so it decides with those
             xs = x.data if isinstance(x, Tensor) else x
+            xs = xs if is_gpu_array(xs) else np.asarray(xs)   # lists too
             y2, err2 = self._forward_with_error(xs if rows.size == len(y64) else xs[rows])
             y2 = y2.astype(np.float64)
             j2, ybot2, cert2, radius2 = self._decide(y2, err2, k_pair, eps)

@@ -12,8 +12,10 @@ The bound, per input, with u the unit roundoff of the model dtype and, for a lay
 with fan-in k (dot length, +1 for the bias), gamma = (k+1) u / (1 - (k+1) u):
 
 * a computed linear layer ŷ = fl(W ĥ + b) obeys |ŷ - (W ĥ + b)| <= gamma (|W| |ĥ| + |b|)
-  componentwise, for any summation order, FMA or not; in l2 norm that is at most
-  gamma (||A_|W|||_2 ||ĥ|| + ||b||), with b broadcast over the output positions;
+  + (k+1) tiny componentwise, for any summation order, FMA or not (tiny: the smallest
+  subnormal, covering products that underflow); in l2 norm that is at most
+  gamma (||A_|W|||_2 ||ĥ|| + ||b||) + (k+1) tiny sqrt(outputs), with b broadcast over the
+  output positions;
 * the error against the exact network therefore grows as
   e_out <= ||A_W||_2 e_in + gamma (||A_|W|||_2 ||ĥ|| + ||b||);
 * the computed activations obey ||ĥ_out|| <= ||A_W||_2 ||ĥ_in|| + ||b|| + (local error),
@@ -61,13 +63,16 @@ def gamma(fan_in: int, dtype) -> float:
 def sq_norms(x2d) -> np.ndarray:
     """(n,) float64 upper bounds on the squared l2 norms of the rows of x2d (n, d).
 
-    Summed in x2d's own dtype (fast); a sum of d non-negative rounded squares is off by
-    at most gamma_{d+1} relative, so the result is divided by (1 - gamma_{d+1}).
+    Summed in float64, where squares of float32 values neither underflow nor overflow
+    (in float32 tiny inputs would square to 0 and make the bound vanish); a sum of d
+    non-negative rounded squares is off by at most gamma_{d+1} relative, so the result is
+    divided by (1 - gamma_{d+1}).
     """
     xp = np if isinstance(x2d, np.ndarray) else __import__("cupy")
-    s = xp.einsum("ij,ij->i", x2d, x2d)
+    x64 = x2d.astype(np.float64)
+    s = xp.einsum("ij,ij->i", x64, x64)
     s = np.asarray(s.get() if hasattr(s, "get") else s, dtype=np.float64)
-    g = gamma(x2d.shape[1], x2d.dtype)
+    g = gamma(x2d.shape[1], np.float64)
     return s / (1.0 - g) * _INFLATE
 
 
@@ -75,13 +80,14 @@ class LayerConstants:
     """What the norm-wise bound needs of one linear layer (all float64 scalars/arrays).
 
     sigma: provable ||A_W||_2; sigma_abs: Schur bound on ||A_|W|||_2; gamma: see module;
-    bias_norm: ||b|| broadcast over the output positions (conv: ||b|| sqrt(OH·OW)).
+    bias_norm: ||b|| broadcast over the output positions (conv: ||b|| sqrt(OH·OW));
+    underflow: (k+1) tiny per output (the last layer) or its l2 norm over all outputs.
     For the last layer also row_norms (m,) = ||w_i|| and abs_bias (m,) = |b_i|.
     """
 
-    def __init__(self, sigma, sigma_abs, gamma_, bias_norm, row_norms=None, abs_bias=None):
+    def __init__(self, sigma, sigma_abs, gamma_, bias_norm, underflow, row_norms=None, abs_bias=None):
         self.sigma, self.sigma_abs, self.gamma = float(sigma), float(sigma_abs), float(gamma_)
-        self.bias_norm = float(bias_norm)
+        self.bias_norm, self.underflow = float(bias_norm), float(underflow)
         self.row_norms, self.abs_bias = row_norms, abs_bias
 
 
@@ -95,7 +101,10 @@ def layer_constants(kind, w, b, out_positions: int, sigma: float, dtype, last: b
     if last:
         rows = np.sqrt((w64.reshape(w64.shape[0], -1) ** 2).sum(axis=1)) * _INFLATE
         absb = np.abs(b64)
-    return LayerConstants(sigma * _INFLATE, abs_operator_bound(w64, kind), gamma(fan, dtype), bias_norm, rows, absb)
+    per_output = (fan + 1) * float(np.finfo(dtype).smallest_subnormal)
+    underflow = per_output if last else per_output * math.sqrt(w64.shape[0] * out_positions)
+    return LayerConstants(sigma * _INFLATE, abs_operator_bound(w64, kind), gamma(fan, dtype), bias_norm,
+                          underflow * _INFLATE, rows, absb)
 
 
 def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
@@ -108,9 +117,10 @@ def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
     h = np.sqrt(x_sq_norm) * _INFLATE
     e = np.asarray(input_err, dtype=np.float64) * _INFLATE
     for c in consts[:-1]:
-        local = c.gamma * (c.sigma_abs * h + c.bias_norm)
+        local = c.gamma * (c.sigma_abs * h + c.bias_norm) + c.underflow
         e = (c.sigma * e + local) * _INFLATE
         h = (c.sigma * h + c.bias_norm + local) * _INFLATE
     c = consts[-1]
     err = e[:, None] * c.row_norms[None, :] + c.gamma * (h[:, None] * c.row_norms[None, :] + c.abs_bias[None, :])
+    err += c.underflow
     return err * (_INFLATE ** 2)

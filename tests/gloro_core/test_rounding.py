@@ -85,3 +85,37 @@ def test_bias_change_refreshes_the_rounding_constants(rng):
     net.params[0][1].data[...] = np.float32(50.0)
     _, err_after = net._forward_norm_error(x, net._fresh_frozen())
     assert np.all(err_after > 2 * err_before)
+
+
+@pytest.mark.parametrize("scale_exp", [-80, -140])
+def test_tiny_inputs_keep_a_valid_bound(rng, scale_exp):
+    """Scaling the input by 2^-80 (squares underflow in float32) or 2^-140 (subnormal
+    inputs, products underflow) must not make the rounding bound vanish or too small."""
+    net = GloroNet((1, 8, 8), 10, [{"type": "conv", "filters": 4, "kernel": 3, "stride": 2},
+                                   {"type": "dense", "units": 10}], seed=1)
+    x = (rng.random((16, 1, 8, 8)) * 2.0 ** scale_exp).astype(np.float32)
+    assert np.any(x > 0)
+    exact = _twin64(net).logits(x.astype(np.float64))
+    fr = net._fresh_frozen()
+    y, cheap = net._forward_norm_error(x, fr)
+    _, tight = net._forward_with_error(x)
+    actual = np.abs(y.astype(np.float64) - exact)
+    assert np.all(cheap > 0) and np.all(actual <= cheap)
+    assert np.all(actual <= tight)
+
+
+def test_certify_accepts_lists_when_rows_are_open(rng):
+    """An eps between a point's slack-free radius and its cheap-bound radius leaves the
+    point open, so the tight pass runs on a sub-batch sliced from the input."""
+    net = GloroNet((2, 9, 8), 4, CONV, eps=0.02, seed=3)
+    x = rng.random((40, 2, 9, 8)).astype(np.float32)
+    y = net.logits(x).astype(np.float64)
+    k_pair = net._pair_k(net.lipschitz()["k_sub"])
+    r0 = net._decide(y, np.zeros_like(y), k_pair, 0.0)[3]
+    _, r_cheap = net.certify(x, eps=0.0, tight_radius=False)
+    i = int(np.argmax(r0))
+    eps = float(r0[i] + r_cheap[i]) / 2
+    assert r_cheap[i] < eps < r0[i]
+    pred = net.certify(x, eps=eps)[0]
+    assert np.array_equal(net.certify(x.tolist(), eps=eps, tight_radius=False)[0], pred)
+    assert np.array_equal(net.certify(x.tolist(), eps=eps)[0], pred)
