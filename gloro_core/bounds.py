@@ -207,6 +207,10 @@ def conv_provable_bound(w, in_hw, stride=1, padding="same", method="auto"):
     oh, ow = conv_out_hw((h, wd), (kh, kw), (sh, sw), pads)
     n_in, n_out = c * h * wd, o * oh * ow
     small = min(n_in, n_out) <= EXPLICIT_MAX_SIDE and n_in * n_out <= EXPLICIT_MAX_ENTRIES
+    if method == "explicit" and not small:
+        raise ValueError(
+            f"explicit bound needs the {n_out}x{n_in} operator matrix, over the limits "
+            f"(side {EXPLICIT_MAX_SIDE}, {EXPLICIT_MAX_ENTRIES} entries); use 'fft' or 'auto'")
     if method == "explicit" or (method == "auto" and small):
         exact = matrix_norm_gram(conv_matrix_direct(w64, (h, wd), (sh, sw), padding)) * (1.0 + SAFETY_REL)
         if method == "explicit" or exact < fft:

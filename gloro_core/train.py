@@ -265,6 +265,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
             if saved.get(key) != cfg.to_json().get(key):
                 raise ValueError(f"--resume: {key}={cfg.to_json().get(key)!r} differs from the "
                                  f"checkpoint's {saved.get(key)!r} ({last_path})")
+        changed = sorted(k for k, v in cfg.to_json().items()
+                         if k not in ("out", "progress", "plot", "stop_after") and saved.get(k) != v)
+        if changed:  # schedules would silently change mid-run
+            log(f"warning: --resume with settings that differ from the checkpoint's: "
+                + ", ".join(f"{k}={cfg.to_json()[k]!r} (was {saved.get(k)!r})" for k in changed))
         start_epoch = int(state["epoch"]) + 1
         best_vra = float(state.get("best_vra", -1.0))
         history = list(state.get("history", []))

@@ -96,3 +96,9 @@ def test_provable_bound_is_float64_and_rejects_bad_input():
         bounds.dense_norm(np.ones(3))
     with pytest.raises(ValueError):  # kernel larger than the VALID input
         bounds.conv_circular_bound(np.ones((1, 1, 5, 5)), (3, 3), 1, "valid")
+
+
+def test_forced_explicit_bound_refuses_huge_operators():
+    w = np.ones((64, 32, 3, 3))
+    with pytest.raises(ValueError, match="operator matrix"):
+        bounds.conv_provable_bound(w, (32, 32), 1, "same", "explicit")
