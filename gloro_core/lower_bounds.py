@@ -120,14 +120,10 @@ def local_lower_bound(net, x: np.ndarray, eps: float, steps: int = 100, lr: floa
 
 
 def margin_upper_bound(net, k_sub: float) -> float:
-    """max_{i != j} K_ij = K_sub * max ||w_i - w_j|| (margin variant; basic: K_i + K_j)."""
-    w = np.asarray(net.params[-1][0].data, np.float64)
-    if getattr(net, "variant", "margin") == "margin":
-        d = np.sqrt(((w[:, None, :] - w[None, :, :]) ** 2).sum(-1))
-        return float(k_sub * d.max())
-    k = np.sqrt((w ** 2).sum(1))
-    top = np.sort(k)[-2:]
-    return float(k_sub * top.sum())
+    """max_{i != j} K_ij (margin: K_sub ||w_i - w_j||; basic: K_i + K_j), from the model's
+    own pairwise bounds (float64, on the host whatever the model's device)."""
+    kk = net._pair_k(k_sub)
+    return float(kk[~np.eye(len(kk), dtype=bool)].max())
 
 
 def upper_bounds(net) -> dict:
