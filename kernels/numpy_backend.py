@@ -90,7 +90,11 @@ class _Blas:
             self.get = self.set_local = None
 
     def threads(self) -> int:
-        return int(self.get()) if self.get is not None else 1
+        """The configured BLAS thread count (the saved one while pinned to 1)."""
+        if self.get is None:
+            return 1
+        with _PIN_LOCK:
+            return int(_PIN[1]) if _PIN[0] else int(self.get())
 
 
 _BLAS = None
@@ -105,17 +109,36 @@ def _blas() -> _Blas:
     return _BLAS
 
 
+# Despite its name, openblas_set_num_threads_local sets the PROCESS-WIDE count and returns
+# the old one. A per-thread save/restore around each worker therefore raced: worker B saved
+# the 1 that worker A had just set and restored it last, leaving the whole process pinned to
+# one BLAS thread after the first conv (every later GEMM ran on one core, and _groups saw 1
+# thread so the chunk split never ran either). So the pin is reference-counted across
+# threads: the first enter saves the count and sets 1, the last exit restores it.
+_PIN_LOCK = threading.Lock()
+_PIN = [0, 1]  # [open contexts, count saved by the first]
+
+
 class single_blas_thread:
-    """Context: BLAS calls of this thread use one BLAS thread (no-op if unsupported)."""
+    """Context: BLAS calls use one BLAS thread while any such context is open (no-op if
+    unsupported). Process-wide, as OpenBLAS's count is; nests and overlaps across threads."""
 
     def __enter__(self):
         lib = _blas()
-        self.prev = lib.set_local(1) if lib.set_local is not None else None
+        if lib.set_local is not None:
+            with _PIN_LOCK:
+                if _PIN[0] == 0:
+                    _PIN[1] = lib.set_local(1)
+                _PIN[0] += 1
         return self
 
     def __exit__(self, *exc):
-        if self.prev is not None:
-            _blas().set_local(self.prev)
+        lib = _blas()
+        if lib.set_local is not None:
+            with _PIN_LOCK:
+                _PIN[0] -= 1
+                if _PIN[0] == 0:
+                    lib.set_local(_PIN[1])
 
 
 def _pool(workers: int):
@@ -148,13 +171,13 @@ def _run_groups(groups, fn):
     if len(groups) == 1:
         return [fn(groups[0])]
 
-    def one(group):
-        with single_blas_thread():
-            return fn(group)
-
-    futs = [_pool(len(groups) - 1).submit(one, grp) for grp in groups[1:]]
-    first = one(groups[0])
-    return [first] + [f.result() for f in futs]
+    with single_blas_thread():  # pinned once for the whole split, by the calling thread
+        futs = [_pool(len(groups) - 1).submit(fn, grp) for grp in groups[1:]]
+        try:
+            first = fn(groups[0])
+        finally:
+            rest = [f.result() for f in futs]  # join before unpinning, even on error
+    return [first] + rest
 
 
 def _span(a: int, s: int, pad: int, n_in: int, n_ph: int):
