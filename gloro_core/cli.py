@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/gloro", help="output directory")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.npz exactly where it stopped")
+    t.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: parameters, Adam state and batches on the GPU (CuPy); "
+                        "use with --backend cupy or numba_cuda")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs in total (resume later with --resume)")
     t.add_argument("--plot", action="store_true", help="write OUT/curves.png")
@@ -199,7 +202,8 @@ def cmd_train(args) -> int:
         warmup=args.warmup, power_iters=args.power_iters, augment=args.augment,
         seed=args.seed, out=args.out, limit=args.limit, test_limit=args.test_limit,
         progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,
-        synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after)
+        synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after,
+        device=args.device)
     print(f"train: {json.dumps(cfg.to_json())}", flush=True)
     try:
         train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))

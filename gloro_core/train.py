@@ -76,6 +76,7 @@ class TrainConfig:
     synthetic_shape: tuple = (1, 28, 28)
     synthetic_n: tuple = (2048, 512)
     stop_after: int | None = None  # stop (as if interrupted) after this many epochs
+    device: str = "cpu"         # "gpu": parameters, iterates, Adam state and batches on CuPy
 
     def __post_init__(self):
         if self.train_eps is None:
@@ -87,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.eps < 0 or self.train_eps < 0:
             raise ValueError(f"eps must be >= 0, got eps={self.eps}, train_eps={self.train_eps}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         self.synthetic_shape = tuple(self.synthetic_shape)
         self.synthetic_n = tuple(self.synthetic_n)
 
@@ -212,6 +215,18 @@ def format_line(m: dict, epochs: int) -> str:
 
 # ---------------------------------------------------------------- the loop
 
+def _place(net, device: str) -> None:
+    """Move the model to ``device`` ("cpu" or "gpu") before its optimizer is made, so the
+    Adam moments are created (or restored) next to the parameters."""
+    if device == "gpu":
+        import kernels
+
+        why = kernels.availability()["cupy"]
+        if why is not None:
+            raise ValueError(f"--device gpu needs CuPy and a CUDA device: {why}")
+    net.to(device)
+
+
 def _make_optimizer(net, lr: float):
     from nn.optim import Adam
 
@@ -273,6 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
         start_epoch = int(state["epoch"]) + 1
         best_vra = float(state.get("best_vra", -1.0))
         history = list(state.get("history", []))
+        _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         opt.load_state_dict(state["optimizer"])
         _write_metrics(cfg.out, history)
@@ -282,6 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
             log(f"--resume: no checkpoint at {last_path}; starting from scratch")
         net = build(cfg.arch, ds.input_shape, ds.num_classes, activation=cfg.activation,
                     init=cfg.init, eps=cfg.train_eps, seed=cfg.seed)
+        _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         _write_metrics(cfg.out, [])
 

@@ -96,3 +96,15 @@ def test_backend_flag(tmp_path, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "b"), "--backend", "reference",
                         "--limit", "32"]) == 0
     assert os.environ["GLORO_BACKEND"] == "reference"
+
+
+def test_device_gpu_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    import kernels
+
+    if kernels.availability()["cupy"] is None:
+        pytest.skip("a CUDA device is present: the gpu path is covered by the gpu-marked tests")
+    args = TRAIN[:]
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--out", str(tmp_path / "g"), "--device", "gpu", "--limit", "32"]) == 2
+    assert "--device gpu needs CuPy and a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "g" / "last.npz").exists()
