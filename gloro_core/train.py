@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from . import data as data_mod
+from . import metrics
 from .augment import augment_batch
 from .schedules import Plan
 
@@ -121,48 +122,14 @@ def peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
 
 
-def _kappa_sub(net) -> float:
-    try:
-        lip = net.lipschitz()
-    except Exception:  # noqa: BLE001 - metrics must not kill a run
-        return float("nan")
-    if isinstance(lip, dict):
-        for key in ("k_sub", "K_sub", "sub", "kappa_sub"):
-            if key in lip:
-                return float(lip[key])
-    return float("nan")
-
-
-def bottom_index(num_classes: int) -> int:
-    """Index of the ⊥ class in predictions (the extra logit comes last)."""
-    return num_classes
-
-
 def evaluate(net, x: np.ndarray, y: np.ndarray, eps: float, batch: int = 500) -> dict:
     """Clean accuracy, VRA and rejection rate of ``net`` on (x, y) at radius ``eps``.
 
     Uses the model's converged Lipschitz constants (call ``update_lipschitz`` first).
     x: (N, C, H, W) float32; y: (N,) int.
     """
-    from nn.tensor import no_grad
-
-    n = len(x)
-    correct = certified_correct = rejected = 0
-    num_classes = None
-    with no_grad():
-        for s in range(0, n, batch):
-            xb, yb = x[s:s + batch], y[s:s + batch]
-            logits = _np(net.logits(xb))
-            num_classes = logits.shape[1]
-            clean = logits.argmax(1)
-            pred, _radius = net.certify(xb, eps, tight_radius=False)  # same decisions, radii unused
-            pred = _np(pred)
-            bot = (pred == bottom_index(num_classes)) | (pred < 0)
-            correct += int((clean == yb).sum())
-            certified_correct += int(((pred == yb) & ~bot).sum())
-            rejected += int(bot.sum())
-    return {"clean_acc": correct / max(n, 1), "vra": certified_correct / max(n, 1),
-            "rejection": rejected / max(n, 1)}
+    m = metrics.evaluate(net, x, y, eps, batch=batch, tight_radius=False)  # radii unused here
+    return {"clean_acc": m["clean_acc"], "vra": m["vra"], "rejection": m["rejection"]}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -352,7 +319,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
         end = plan.at(epoch + 1 - 1e-9)
         m = {"epoch": epoch + 1, "phase": "warmup" if vals["warmup"] else "gloro",
              "loss": loss_sum / max(seen, 1), **ev,
-             "k_sub": _kappa_sub(net), "lr": vals["lr"], "eps": end["eps"],
+             "k_sub": float(net.lipschitz()["k_sub"]), "lr": vals["lr"], "eps": end["eps"],
              "eps_test": cfg.eps, "lam": end["lam"], "samples_per_s": seen / max(train_s, 1e-9),
              "epoch_s": train_s, "eval_s": eval_s, "peak_mem_mb": peak_rss_mb()}
         history.append(m)
