@@ -130,3 +130,45 @@ def test_dense_grad_weight_batch1_is_the_outer_product():
     assert got.shape == (11, 37) and got.dtype == np.float32
     # a float32 product is correctly rounded: equal to the exact float64 product rounded
     np.testing.assert_array_equal(got, (gy.T.astype(np.float64) @ x.astype(np.float64)).astype(np.float32))
+
+
+def test_numpy_conv_split_restores_blas_threads(monkeypatch):
+    """The chunk split pins OpenBLAS to 1 thread only while it runs: afterwards the process
+    is back at its configured count (a racing per-worker restore once left it at 1 for good),
+    also when contexts overlap across threads."""
+    import threading
+
+    import kernels
+    import kernels.numpy_backend as nb
+
+    lib = nb._blas()
+    if lib.set_local is None:
+        pytest.skip("numpy's BLAS has no thread control here")
+    prev = lib.set_local(2)
+    try:
+        monkeypatch.setattr(nb, "CHUNK_BYTES", 1)  # one sample per chunk: many chunks, 2 groups
+        rng = np.random.default_rng()
+        x = rng.standard_normal((9, 16, 8, 8)).astype(np.float32)
+        w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
+        assert len(nb._groups(9, 1)) == 2
+        for _ in range(20):  # the race needed unlucky interleavings: repeat
+            y = kernels.conv2d(x, w, None, 1, "same", backend="numpy")
+            kernels.conv2d_grad_weight(x, y, (3, 3), 1, "same", backend="numpy")
+            assert int(lib.get()) == 2
+        barrier, seen = threading.Barrier(4), []
+
+        def overlap():
+            with nb.single_blas_thread():
+                barrier.wait()
+                seen.append((int(lib.get()), lib.threads()))  # pinned, configured
+                barrier.wait()
+
+        ts = [threading.Thread(target=overlap) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert seen == [(1, 2)] * 4
+        assert int(lib.get()) == 2
+    finally:
+        lib.set_local(prev)
