@@ -363,14 +363,36 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     return gx
 
 
+# Dense GEMMs of at least this many multiply-adds are split by rows over the Python threads
+# (one BLAS thread each); smaller ones run whole on one BLAS thread. Either way OpenBLAS never
+# wakes its own workers, which after each call busy-wait ~0.1 s and took a core from what ran
+# next (measured: a torch/numba op right after a 2-thread np.matmul ran ~2x slower).
+DENSE_SPLIT_MIN = 1 << 21
+
+
+def _matmul(a, b):
+    """a (M, K) @ b (K, N) -> new (M, N) array, rows split over threads (see DENSE_SPLIT_MIN)."""
+    m = a.shape[0]
+    out = np.empty((m, b.shape[1]), dtype=np.result_type(a, b))
+    t = _blas().threads() if _blas().set_local is not None else 1
+    if t <= 1 or m < 2 * t or m * a.shape[1] * b.shape[1] < DENSE_SPLIT_MIN:
+        with single_blas_thread():
+            np.matmul(a, b, out=out)
+        return out
+    edges = [m * j // t for j in range(t + 1)]
+
+    def run(j):
+        r0, r1 = edges[j], edges[j + 1]
+        np.matmul(a[r0:r1], b, out=out[r0:r1])
+
+    _run_groups(list(range(t)), run)
+    return out
+
+
 @register("dense", "numpy")
 def dense(x, w, b):
     """x (N, I), w (O, I), b (O,) or None -> x @ w.T + b (N, O)."""
-    if x.shape[0] == 1:  # the power iterates: a matrix-vector product, one BLAS thread
-        with single_blas_thread():
-            y = x @ w.T
-    else:
-        y = x @ w.T
+    y = _matmul(x, w.T)
     if b is not None:
         y += b
     return y
@@ -379,10 +401,7 @@ def dense(x, w, b):
 @register("dense_grad_input", "numpy")
 def dense_grad_input(gy, w):
     """gy (N, O), w (O, I) -> gy @ w (N, I)."""
-    if gy.shape[0] == 1:
-        with single_blas_thread():
-            return gy @ w
-    return gy @ w
+    return _matmul(gy, w)
 
 
 @register("dense_grad_weight", "numpy")
@@ -392,7 +411,7 @@ def dense_grad_weight(x, gy):
         # an outer product: one multiply per entry, the same values as the GEMM, which
         # took 2-7x longer at N=1
         return np.multiply(gy.reshape(-1, 1), x.reshape(1, -1))
-    return gy.T @ x
+    return _matmul(gy.T, x)
 
 
 def _pairs(a):
