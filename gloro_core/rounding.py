@@ -33,6 +33,8 @@ import math
 
 import numpy as np
 
+from kernels import array_module
+
 _INFLATE = 1.0 + 1e-9
 
 
@@ -68,9 +70,8 @@ def sq_norms(x2d) -> np.ndarray:
     non-negative rounded squares is off by at most gamma_{d+1} relative, so the result is
     divided by (1 - gamma_{d+1}).
     """
-    xp = np if isinstance(x2d, np.ndarray) else __import__("cupy")
     x64 = x2d.astype(np.float64)
-    s = xp.einsum("ij,ij->i", x64, x64)
+    s = array_module(x64).einsum("ij,ij->i", x64, x64)
     s = np.asarray(s.get() if hasattr(s, "get") else s, dtype=np.float64)
     g = gamma(x2d.shape[1], np.float64)
     return s / (1.0 - g) * _INFLATE
