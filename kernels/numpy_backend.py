@@ -168,10 +168,11 @@ def _groups(n: int, step: int):
 
 def _run_groups(groups, fn):
     """[fn(group) for group in groups]; with several groups, in threads with 1 BLAS thread each."""
-    if len(groups) == 1:
-        return [fn(groups[0])]
-
-    with single_blas_thread():  # pinned once for the whole split, by the calling thread
+    # pinned once for the whole split, by the calling thread; also for one group, as a
+    # multi-threaded OpenBLAS call leaves its workers busy-waiting afterwards
+    with single_blas_thread():
+        if len(groups) == 1:
+            return [fn(groups[0])]
         futs = [_pool(len(groups) - 1).submit(fn, grp) for grp in groups[1:]]
         try:
             first = fn(groups[0])
@@ -244,6 +245,13 @@ class _Geom:
                        slice(c0, c0 + self.sw * (cj - 1) + 1, self.sw))
 
 
+def _step(g: _Geom, n: int, itemsize: int) -> int:
+    """Samples per chunk: g.chunk, capped so that every BLAS thread gets a chunk (a batch
+    whose cols fit in one CHUNK_BYTES chunk still splits over the threads)."""
+    t = _blas().threads() if _blas().set_local is not None else 1
+    return max(1, min(g.chunk(n, itemsize), -(-n // t)))
+
+
 def _im2col(x, g: _Geom):
     """x (m, C, H, W) -> cols (C*kh*kw, m*T) in scratch, rows in (c, p, q) order."""
     m = x.shape[0]
@@ -275,7 +283,7 @@ def conv2d(x, w, b, stride, pads):
     n = x.shape[0]
     w2 = w.reshape(g.o, g.k)
     y = np.empty((n, g.o, g.oh, g.ow), dtype=x.dtype)
-    step = g.chunk(n, x.itemsize)
+    step = _step(g, n, x.itemsize)
 
     def run(starts):
         for n0 in starts:
@@ -299,7 +307,7 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     g = _Geom(x.shape, w_shape, stride, pads)
     n = x.shape[0]
     # accumulated transposed: cols @ gy2.T ran ~1.25x faster in OpenBLAS than gy2 @ cols.T
-    step = g.chunk(n, x.itemsize)
+    step = _step(g, n, x.itemsize)
 
     def run(starts):  # one accumulator per group, summed in group order (deterministic)
         gwt = np.zeros((g.k, g.o), dtype=x.dtype)
@@ -341,7 +349,7 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     n = int(x_shape[0])
     w2t = w.reshape(g.o, g.k).T
     gx = np.zeros((n, g.c, g.h, g.w), dtype=gy.dtype)
-    step = g.chunk(n, gy.itemsize)
+    step = _step(g, n, gy.itemsize)
 
     def run(starts):
         for n0 in starts:
