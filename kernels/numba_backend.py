@@ -34,6 +34,7 @@ left, right).
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -300,6 +301,19 @@ def _minmax_grad_pairs(x, gy, gx):
 
 # ---------------------------------------------------------------- registered wrappers
 
+def _one_blas_thread(fn):
+    """Run ``fn`` with OpenBLAS pinned to one thread: a multi-threaded np.dot leaves
+    OpenBLAS's workers busy-waiting ~0.1 s afterwards, which halved the speed of whatever
+    ran next (the numpy backend's split convs, torch in bench/run.py); the Numba loops
+    here are the parallel part."""
+    @functools.wraps(fn)
+    def pinned(*args):
+        with _single_blas_thread():
+            return fn(*args)
+
+    return pinned
+
+
 def _chunk(n, k, p):
     """Samples per im2col chunk: keep K*nb*P near _CHUNK_ELEMS, at least 1."""
     return max(1, min(n, _CHUNK_ELEMS // max(1, k * p)))
@@ -311,6 +325,7 @@ def _out_hw(h, w, kh, kw, stride, pads):
 
 
 @register("conv2d", "numba")
+@_one_blas_thread
 def conv2d(x, w, b, stride, pads):
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
     x = np.ascontiguousarray(x)
@@ -347,6 +362,7 @@ def conv2d(x, w, b, stride, pads):
 
 
 @register("conv2d_grad_input", "numba")
+@_one_blas_thread
 def conv2d_grad_input(gy, w, x_shape, stride, pads):
     """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W)."""
     n, c, h, wd = x_shape
@@ -380,6 +396,7 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
 
 
 @register("conv2d_grad_weight", "numba")
+@_one_blas_thread
 def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw)."""
     x = np.ascontiguousarray(x)
