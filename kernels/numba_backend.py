@@ -40,7 +40,7 @@ import types
 
 import numpy as np
 
-from .numpy_backend import _matmul
+from . import numpy_backend as _numpy_backend
 from .numpy_backend import single_blas_thread as _single_blas_thread
 from .registry import register
 
@@ -428,28 +428,11 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     return gw.reshape(w_shape)
 
 
-# The dense GEMMs share the numpy backend's row split (1 BLAS thread per Python thread): a
-# plain 2-thread np.dot left OpenBLAS's workers busy-waiting ~0.1 s, halving the next op.
-
-@register("dense", "numba")
-def dense(x, w, b):
-    """x (N, I), w (O, I), b (O,) or None -> y (N, O) = x w^T + b (one GEMM, rows split)."""
-    y = _matmul(x, w.T)
-    if b is not None:
-        y += b
-    return y
-
-
-@register("dense_grad_input", "numba")
-def dense_grad_input(gy, w):
-    """gy (N, O), w (O, I) -> gx (N, I) = gy w."""
-    return _matmul(gy, w)
-
-
-@register("dense_grad_weight", "numba")
-def dense_grad_weight(x, gy):
-    """x (N, I), gy (N, O) -> gw (O, I) = gy^T x."""
-    return _matmul(gy.T, x)
+# Dense is one GEMM either way: the numba backend registers the numpy backend's (rows split
+# over Python threads with 1 BLAS thread each; a plain 2-thread np.dot left OpenBLAS's
+# workers busy-waiting ~0.1 s, halving the next op).
+for _op in ("dense", "dense_grad_input", "dense_grad_weight"):
+    register(_op, "numba")(getattr(_numpy_backend, _op))
 
 
 def _as3(a):
