@@ -15,3 +15,22 @@ def rng():
     seed = int(env) if env else int(np.random.SeedSequence().entropy % (2**63))
     print(f"rng seed: {seed} (replay with GLORO_TEST_SEED={seed})")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def cupy_device():
+    """The cupy module when a CUDA device and the cupy backend are usable, else a skip
+    that says why (no driver, no device, no CuPy)."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+        from kernels.registry import availability
+
+        why = availability().get("cupy")
+        if why is not None:
+            raise RuntimeError(why)
+        return cupy
+    except Exception as exc:  # no driver, no device, no cupy
+        pytest.skip(f"needs a CUDA device with the cupy backend: {type(exc).__name__}: {exc}")

@@ -13,26 +13,10 @@ LAYERS = [{"type": "conv", "filters": 8, "kernel": 4, "stride": 2, "padding": "s
           {"type": "dense", "units": 16}, {"type": "dense", "units": 10}]
 
 
-def _cupy_or_skip():
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device")
-        from kernels.registry import availability
-
-        why = availability().get("cupy")
-        if why is not None:
-            raise RuntimeError(why)
-        return cupy
-    except Exception as exc:  # no driver, no device, no cupy
-        pytest.skip(f"needs a CUDA device with the cupy backend: {type(exc).__name__}: {exc}")
-
-
 @pytest.mark.parametrize("activation", ["relu", "minmax"])
 @pytest.mark.parametrize("variant", ["margin", "basic"])
-def test_gpu_matches_cpu(activation, variant):
-    cp = _cupy_or_skip()
+def test_gpu_matches_cpu(activation, variant, cupy_device):
+    cp = cupy_device
     rng = np.random.default_rng(0)
     cpu = GloroNet((1, 12, 12), 10, LAYERS, activation=activation, variant=variant, eps=0.2, seed=3)
     gpu = GloroNet((1, 12, 12), 10, LAYERS, activation=activation, variant=variant, eps=0.2, seed=3).to("gpu")
@@ -58,8 +42,8 @@ def test_gpu_matches_cpu(activation, variant):
     assert np.mean(pc == pg) >= 0.95
 
 
-def test_gpu_training_step_attack_and_checkpoint(tmp_path):
-    cp = _cupy_or_skip()
+def test_gpu_training_step_attack_and_checkpoint(tmp_path, cupy_device):
+    cp = cupy_device
     from nn.optim import Adam
 
     rng = np.random.default_rng(1)

@@ -9,22 +9,6 @@ import nn
 from nn import F, Tensor
 
 
-def _cupy_or_skip():
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device")
-        from kernels.registry import availability
-
-        why = availability().get("cupy")
-        if why is not None:
-            raise RuntimeError(why)
-        return cupy
-    except Exception as exc:  # no driver, no device, no cupy
-        pytest.skip(f"needs a CUDA device with the cupy backend: {type(exc).__name__}: {exc}")
-
-
 pytestmark = pytest.mark.gpu
 
 
@@ -51,8 +35,8 @@ OPS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_ops_on_device_match_cpu(rng, name):
-    cp = _cupy_or_skip()
+def test_ops_on_device_match_cpu(rng, name, cupy_device):
+    cp = cupy_device
     a = rng.standard_normal((2, 4, 3)).astype(np.float32)
     gy = None
     grads = []
@@ -71,8 +55,8 @@ def test_ops_on_device_match_cpu(rng, name):
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.MinMax])
-def test_training_step_stays_on_device_and_matches_cpu(rng, act):
-    cp = _cupy_or_skip()
+def test_training_step_stays_on_device_and_matches_cpu(rng, act, cupy_device):
+    cp = cupy_device
     cpu = net(np.random.default_rng(1), act)
     gpu = net(np.random.default_rng(1), act).to("gpu")
     x = rng.standard_normal((5, 2, 8, 8)).astype(np.float32)
@@ -101,8 +85,8 @@ def test_training_step_stays_on_device_and_matches_cpu(rng, act):
     opts[0].load_state_dict(state)
 
 
-def test_gradcheck_on_device(rng):
-    cp = _cupy_or_skip()
+def test_gradcheck_on_device(rng, cupy_device):
+    cp = cupy_device
     x = cp.asarray(rng.standard_normal((2, 3, 6, 6)))
     w = cp.asarray(rng.standard_normal((4, 3, 3, 3)))
     b = cp.asarray(rng.standard_normal(4))
