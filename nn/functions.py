@@ -581,13 +581,18 @@ def l2_norm(x, axis=None, keepdims=False) -> Tensor:
     return make_result(out, (x,), backward, "l2_norm")
 
 
+def _max_shift(a, axes, xp):
+    """The max over ``axes`` (keepdims) for a stable exp; 0 where a row is all -inf."""
+    m = a.max(axis=axes, keepdims=True)
+    return xp.where(xp.isfinite(m), m, xp.zeros((), dtype=m.dtype))
+
+
 def logsumexp(x, axis=-1, keepdims=False) -> Tensor:
     """log(sum exp x) over ``axis``, shifted by the max for stability."""
     x = as_tensor(x)
     xp = array_module(x.data)
     axes = _norm_axes(axis, x.ndim)
-    m = x.data.max(axis=axes, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros((), dtype=m.dtype))  # all -inf rows: no shift
+    m = _max_shift(x.data, axes, xp)
     s = xp.exp(x.data - m).sum(axis=axes, keepdims=True)
     lk = xp.log(s) + m
     out = lk if keepdims else lk.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
@@ -603,8 +608,7 @@ def log_softmax(x, axis=-1) -> Tensor:
     x = as_tensor(x)
     xp = array_module(x.data)
     ax = _norm_axes(axis, x.ndim)
-    m = x.data.max(axis=ax, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros((), dtype=m.dtype))
+    m = _max_shift(x.data, ax, xp)
     z = x.data - m
     out = z - xp.log(xp.exp(z).sum(axis=ax, keepdims=True))
 
@@ -619,8 +623,7 @@ def softmax(x, axis=-1) -> Tensor:
     x = as_tensor(x)
     xp = array_module(x.data)
     ax = _norm_axes(axis, x.ndim)
-    m = x.data.max(axis=ax, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros((), dtype=m.dtype))
+    m = _max_shift(x.data, ax, xp)
     e = xp.exp(x.data - m)
     out = e / e.sum(axis=ax, keepdims=True)
 
