@@ -10,6 +10,7 @@ import math
 import numbers
 
 FLOAT_DTYPES = ("float32", "float64")
+_FLOAT_CHARS = ("f", "d")  # dtype.char of float32 and float64 (no str(dtype) on the hot path)
 
 
 def check_float(name: str, a) -> None:
@@ -17,14 +18,14 @@ def check_float(name: str, a) -> None:
     dt = getattr(a, "dtype", None)
     if dt is None:
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-    if str(dt) not in FLOAT_DTYPES:
+    if getattr(dt, "char", None) not in _FLOAT_CHARS:
         raise TypeError(f"{name} must be float32 or float64, got dtype {dt} (shape {tuple(a.shape)})")
 
 
 def check_same_dtype(**arrays) -> None:
     """TypeError if the given arrays do not all share one dtype."""
     items = [(k, v) for k, v in arrays.items() if v is not None]
-    dts = {str(v.dtype) for _, v in items}
+    dts = {v.dtype for _, v in items}
     if len(dts) > 1:
         desc = ", ".join(f"{k}: {v.dtype}" for k, v in items)
         raise TypeError(f"arrays must share one dtype, got {desc}")

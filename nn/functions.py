@@ -23,10 +23,10 @@ from .tensor import Tensor, make_result
 
 def _float_dtype_of(*xs):
     """The dtype shared by the float Tensors among ``xs`` (TypeError if they disagree)."""
-    dts = {str(x.dtype) for x in xs if isinstance(x, Tensor) and x.dtype.kind == "f"}
+    dts = {x.dtype for x in xs if isinstance(x, Tensor) and x.dtype.kind == "f"}
     if len(dts) > 1:
-        raise TypeError(f"tensors of different float dtypes: {sorted(dts)}; cast one with .astype()")
-    return np.dtype(dts.pop()) if dts else None
+        raise TypeError(f"tensors of different float dtypes: {sorted(map(str, dts))}; cast one with .astype()")
+    return dts.pop() if dts else None
 
 
 def as_tensor(x, dtype=None, like=None) -> Tensor:
