@@ -203,3 +203,36 @@ def test_numpy_dense_row_split_matches_reference(monkeypatch, n):
         assert int(lib.get()) == 2
     finally:
         lib.set_local(prev)
+
+
+@pytest.mark.parametrize("max_k", [0, 10**6], ids=["wide-rows", "per-sample"])
+@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding", [
+    (3, 1, 9, 8, 4, 3, 3, 1, "same"),
+    (2, 3, 10, 11, 5, 4, 4, 2, "same"),
+    (2, 2, 9, 9, 3, 3, 2, (2, 3), "valid"),
+    (4, 5, 7, 6, 2, 3, 3, 1, 2),
+    (1, 1, 6, 7, 3, 2, 2, 3, (1, 0)),
+])
+def test_numpy_conv_both_layouts_match_reference(monkeypatch, max_k, n, c, h, w, o, kh, kw, stride, padding):
+    """conv2d and grad_weight take the per-sample layout when K = C*kh*kw is small and the
+    wide-row layout otherwise: both layouts, forced, against the reference."""
+    import kernels
+    import kernels.numpy_backend as nb
+
+    monkeypatch.setattr(nb, "PER_SAMPLE_MAX_K", max_k)
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 64)  # several chunks per call
+    rng = np.random.default_rng()
+    x = rng.standard_normal((n, c, h, w))
+    wt = rng.standard_normal((o, c, kh, kw))
+    b = rng.standard_normal(o)
+    want = kernels.conv2d(x, wt, b, stride, padding, backend="reference")
+    got = kernels.conv2d(x, wt, b, stride, padding, backend="numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    gy = rng.standard_normal(want.shape)
+    want_gw = kernels.conv2d_grad_weight(x, gy, (kh, kw), stride, padding, backend="reference")
+    got_gw = kernels.conv2d_grad_weight(x, gy, (kh, kw), stride, padding, backend="numpy")
+    np.testing.assert_allclose(got_gw, want_gw, rtol=1e-12, atol=1e-12 * np.abs(want_gw).max())
+    got32 = kernels.conv2d(x.astype(np.float32), wt.astype(np.float32), b.astype(np.float32), stride, padding,
+                           backend="numpy")
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, want, rtol=0, atol=1e-5 * np.abs(want).max())
