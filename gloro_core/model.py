@@ -218,6 +218,13 @@ class GloroNet:
         w = np.ascontiguousarray(_host(self.params[i][0].data))
         return hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest() + str(w.dtype) + str(w.shape)
 
+    def _unchanged(self, arrays, snapshot) -> bool:
+        """True if every array still equals its ``snapshot`` copy exactly (the frozen
+        numbers are stale otherwise; an exact compare costs ~10x less than re-hashing)."""
+        xp = self.xp
+        return all(is_gpu_array(a) == is_gpu_array(s) and a.shape == s.shape and a.dtype == s.dtype
+                   and bool(xp.array_equal(a, s)) for a, s in zip(arrays, snapshot))
+
     def weights_version(self) -> str:
         """A hash of every weight (biases do not enter K): the frozen-K cache key."""
         h = hashlib.blake2b(digest_size=16)
@@ -383,6 +390,7 @@ class GloroNet:
             methods.append(hit[2])
         self._frozen = {
             "version": self.weights_version(),
+            "weights": [w.data.copy() for w, _ in self.params],  # what "version" hashes
             "power": power,
             "provable": prov,
             "methods": methods,
@@ -396,7 +404,7 @@ class GloroNet:
 
     def _fresh_frozen(self):
         """The frozen numbers, recomputed when the weights changed since they were frozen."""
-        if self._frozen is None or self._frozen["version"] != self.weights_version() or \
+        if self._frozen is None or not self._unchanged([w.data for w, _ in self.params], self._frozen["weights"]) or \
                 any(m == "none" for m in self._frozen["methods"]):
             self.update_lipschitz(tol=self._frozen["tol"] if self._frozen else 1e-5)
         return self._frozen
@@ -503,13 +511,11 @@ class GloroNet:
 
     def _rounding_constants(self, fr):
         """Per-layer constants of the norm-wise bound, cached with the frozen numbers."""
-        # biases enter the rounding bound (not K), so they are part of the key
-        hb = hashlib.blake2b(digest_size=16)
-        for _, b in self.params:
-            hb.update(np.ascontiguousarray(_host(b.data)))
-        key = (fr["version"], hb.hexdigest(), tuple(fr["provable"]), tuple(fr["power"]))
+        # biases enter the rounding bound (not K): the cache also keeps a copy of them
+        key = (fr["version"], tuple(fr["provable"]), tuple(fr["power"]))
+        biases = [b.data for _, b in self.params]
         cached = getattr(self, "_rounding_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or not self._unchanged(biases, cached[2]):
             last = self.num_layers - 1
             consts = []
             for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
@@ -517,7 +523,7 @@ class GloroNet:
                 positions = int(np.prod(op.out_shape[1:])) if op.kind == "conv" else 1
                 consts.append(rounding.layer_constants(op.kind, _host(w.data), _host(b.data), positions,
                                                        sigma, self.dtype, last=i == last))
-            cached = self._rounding_cache = (key, consts)
+            cached = self._rounding_cache = (key, consts, [b.copy() for b in biases])
         return cached[1]
 
     def _decide(self, y64, err, k_pair, eps):
