@@ -552,6 +552,17 @@ class GloroNet:
         radius[np.isnan(radius)] = 0.0   # overflowed logits (inf - inf): not certified, radius 0
         return j, ybot, certified, radius
 
+    @staticmethod
+    def _certified_without_slack(y64, j, k_pair, eps):
+        """(n,) bool: _decide's ``certified`` for err = 0 (same arithmetic, no radii)."""
+        rows = np.arange(len(y64))
+        yj = y64[rows, j]
+        kj = k_pair[j]
+        cand = y64 + eps * kj
+        cand += 4 * np.finfo(np.float64).eps * (np.abs(y64) + np.abs(yj)[:, None] + eps * kj)
+        cand[rows, j] = -np.inf
+        return yj > cand.max(axis=1)
+
     def _certify_core(self, x, eps, bound, tight_rows="open"):
         """The ⊥ logit, certification and radii under two rigorous rounding bounds.
 
@@ -578,8 +589,7 @@ class GloroNet:
         if tight_rows == "all":
             rows = np.arange(len(y64))
         else:
-            no_slack = self._decide(y64, np.zeros_like(err), k_pair, eps)[2]
-            rows = np.flatnonzero(no_slack & ~cert)
+            rows = np.flatnonzero(~cert & self._certified_without_slack(y64, j, k_pair, eps))
         if rows.size:
             # the tight bound holds for the logits of its own pass (a batch of other size
             # may run other kernels and round differently), so it decides with those
