@@ -26,7 +26,7 @@ import numpy as np
 import kernels
 from kernels import registry
 from kernels.registry import array_module
-from kernels.checks import check_conv, check_stride, conv_out_hw, resolve_padding
+from kernels.checks import check_conv, check_float, check_same_dtype, check_stride, conv_out_hw, resolve_padding
 
 from . import bounds
 
@@ -113,6 +113,32 @@ def _raw_ops(op: LinearOp, w, v):
     return (lambda a: fa(a, w, None)), (lambda b: fb(b, w))
 
 
+def _fused_steps(op: LinearOp, w, v):
+    """``f(v, iters) -> (v, ok)`` running all steps in one backend call, or None.
+
+    Used where the backend that the separate ops would select for ``v`` registers
+    ``conv2d_power_steps`` / ``dense_power_steps`` (numba: one jitted loop, no Python
+    per step). Checks what the API would (the fused call bypasses it) with the same
+    errors: float arrays of one dtype, w of the layer's shape, v one iterate.
+    """
+    name = "conv2d" if op.kind == "conv" else "dense"
+    backend = registry.select(name, v)
+    if not registry.has(name + "_power_steps", backend):
+        return None
+    check_float("v", v)
+    check_float("w", w)
+    check_same_dtype(v=v, w=w)
+    if tuple(w.shape) != tuple(op.w_shape):
+        raise ValueError(f"w must have shape {tuple(op.w_shape)} for this layer, got {tuple(w.shape)}")
+    if tuple(v.shape) != op.iterate_shape:
+        raise ValueError(f"the iterate must have shape {op.iterate_shape}, got {tuple(v.shape)}")
+    fn = registry.get(name + "_power_steps", backend)
+    if op.kind == "conv":
+        s, pads, _ = check_conv(v.shape, w, op.stride, op.padding)
+        return lambda a, n: fn(a, w, n, s, pads)
+    return lambda a, n: fn(a, w, n)
+
+
 def init_iterate(op: LinearOp, rng, dtype=np.float32):
     """A random unit iterate of shape op.iterate_shape."""
     v = rng.standard_normal(op.iterate_shape)
@@ -129,6 +155,12 @@ def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
     """
     if iters < 0:
         raise ValueError(f"power iterations must be >= 0, got {iters}")
+    fused = _fused_steps(op, w, v) if iters else None
+    if fused is not None:
+        v, ok = fused(v, int(iters))
+        if not ok:  # A v or A^T u was exactly 0 (see module docstring)
+            return v, 0.0
+        return v, (_norm(op.apply(w, v)) if sigma else None)
     u = op.apply(w, v)  # validated through the API; the rest are direct backend calls
     if not iters:
         return v, (_norm(u) if sigma else None)

@@ -489,3 +489,99 @@ def relu_grad(out, gy):
     # launch between BLAS calls stalls on a loaded machine
     _relu_grad(o, g, gx)
     return gx.reshape(gy.shape)
+
+
+# ---------------------------------------------------------------- fused power steps (jitted)
+# The power method runs ~10 steps per layer and training step on batch-1 iterates, where
+# the ~20-40 us of Python per op call (dispatch, buffers, BLAS pinning) outweighs the small
+# GEMMs. One jitted call runs all the steps of a layer: the same im2col / GEMM / col2im as
+# the separate ops, with norms summed in float64.
+
+_im2col_ser, _col2im_ser = _im2col.ser, _col2im.ser  # plain dispatchers: callable from jitted code
+
+
+@njit(cache=True)
+def _sumsq64(a):
+    """Sum of squares of a contiguous array, accumulated in float64."""
+    s = 0.0
+    for v in a.ravel():
+        d = np.float64(v)  # (Numba's float() keeps float32: squares of 1e-30 would be 0)
+        s += d * d
+    return s
+
+
+@njit(cache=True)
+def _scale_inplace(a, nrm):
+    """a /= nrm in a's own dtype (nrm rounded to it first, as ``a /= a.dtype.type(nrm)``)."""
+    d = np.empty(1, a.dtype)
+    d[0] = nrm
+    a /= d[0]
+
+
+@njit(cache=True)
+def _conv_power_loop(v, wmat, wmat_t, iters, kh, kw, sh, sw, pt, pl, oh, ow):
+    """``iters`` steps v <- A^T (A v / ||A v||) / ||.|| for the conv A; v (1, C, H, W).
+
+    Returns (v, ok): ok False when a norm was exactly 0 (v is then the last iterate).
+    """
+    c, h, w = v.shape[1], v.shape[2], v.shape[3]
+    k = wmat.shape[1]
+    p = oh * ow
+    cols = np.empty((k, p), v.dtype)
+    for _ in range(iters):
+        _im2col_ser(v, 0, cols, kh, kw, sh, sw, pt, pl, oh, ow)
+        u = np.dot(wmat, cols)
+        nu = np.sqrt(_sumsq64(u))
+        if nu == 0.0:
+            return v, False
+        _scale_inplace(u, nu)
+        z = np.empty((1, c, h, w), v.dtype)
+        _col2im_ser(np.dot(wmat_t, u), 0, z, kh, kw, sh, sw, pt, pl, oh, ow)
+        nz = np.sqrt(_sumsq64(z))
+        if nz == 0.0:
+            return v, False
+        _scale_inplace(z, nz)
+        v = z
+    return v, True
+
+
+@njit(cache=True)
+def _dense_power_loop(v, w, iters):
+    """``iters`` steps v <- W^T (W v / ||W v||) / ||.||; v (I,), w (O, I) contiguous."""
+    for _ in range(iters):
+        u = np.dot(w, v)
+        nu = np.sqrt(_sumsq64(u))
+        if nu == 0.0:
+            return v, False
+        _scale_inplace(u, nu)
+        z = np.dot(u, w)
+        nz = np.sqrt(_sumsq64(z))
+        if nz == 0.0:
+            return v, False
+        _scale_inplace(z, nz)
+        v = z
+    return v, True
+
+
+@register("conv2d_power_steps", "numba")
+@_one_blas_thread
+def conv2d_power_steps(v, w, iters, stride, pads):
+    """v (1, C, H, W), w (O, C, kh, kw) -> (v after ``iters`` power steps of the conv, ok).
+
+    ok is False when A v or A^T u was exactly 0; v is then the last iterate before it.
+    """
+    _, c, h, wd = v.shape
+    o, _, kh, kw = w.shape
+    oh, ow = _out_hw(h, wd, kh, kw, stride, pads)
+    wmat = np.ascontiguousarray(w).reshape(o, c * kh * kw)
+    out, ok = _conv_power_loop(np.ascontiguousarray(v), wmat, np.ascontiguousarray(wmat.T), int(iters),
+                               kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+    return out, bool(ok)
+
+
+@register("dense_power_steps", "numba")
+@_one_blas_thread
+def dense_power_steps(v, w, iters):
+    """v (1, I), w (O, I) -> (v after ``iters`` power steps of x -> W x, ok); see conv."""
+    out, ok = _dense_power_loop(np.ascontiguousarray(v).reshape(-1), np.ascontiguousarray(w), int(iters))
+    return out.reshape(v.shape), bool(ok)

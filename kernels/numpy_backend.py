@@ -69,28 +69,44 @@ def _scratch(slot: str, shape, dtype) -> np.ndarray:
 # GIL in matmul and in large copies): one join per op, and no spinning.
 
 class _Blas:
-    """numpy's OpenBLAS through ctypes: configured threads and a thread-local override."""
+    """The bundled OpenBLAS libraries through ctypes: numpy's (np.matmul / np.dot) and
+    scipy's (which Numba's jitted np.dot calls); configured threads and the setter."""
 
     def __init__(self):
         self.get = self.set_local = None
+        self.others = []  # setters of the other OpenBLAS copies (scipy's), pinned alongside
         try:
             import ctypes
             import glob
             import os
 
-            libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-                lib = ctypes.CDLL(path)
-                get = next((getattr(lib, f) for f in ("scipy_openblas_get_num_threads64_",
-                                                      "scipy_openblas_get_num_threads_64_",
-                                                      "openblas_get_num_threads") if hasattr(lib, f)), None)
-                if get is not None and hasattr(lib, "openblas_set_num_threads_local"):
-                    self.get, self.set_local = get, lib.openblas_set_num_threads_local
-                    self.get.restype = self.set_local.restype = ctypes.c_int
-                    self.set_local.argtypes = [ctypes.c_int]
+            dirs = [os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")]
+            try:
+                import scipy
+
+                dirs.append(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs"))
+            except ImportError:
+                pass
+            for d in dirs:
+                for path in sorted(glob.glob(os.path.join(d, "libscipy_openblas*.so*"))):
+                    lib = ctypes.CDLL(path)
+                    get = next((getattr(lib, f) for f in ("scipy_openblas_get_num_threads64_",
+                                                          "scipy_openblas_get_num_threads_64_",
+                                                          "scipy_openblas_get_num_threads",
+                                                          "openblas_get_num_threads") if hasattr(lib, f)), None)
+                    if get is None or not hasattr(lib, "openblas_set_num_threads_local"):
+                        continue
+                    setter = lib.openblas_set_num_threads_local
+                    get.restype = setter.restype = ctypes.c_int
+                    setter.argtypes = [ctypes.c_int]
+                    if self.get is None:
+                        self.get, self.set_local = get, setter
+                    else:
+                        self.others.append(setter)
                     break
         except Exception:  # unknown BLAS build: every op runs as before, on one Python thread
             self.get = self.set_local = None
+            self.others = []
 
     def threads(self) -> int:
         """The configured BLAS thread count (the saved one while pinned to 1)."""
@@ -119,12 +135,13 @@ def _blas() -> _Blas:
 # thread so the chunk split never ran either). So the pin is reference-counted across
 # threads: the first enter saves the count and sets 1, the last exit restores it.
 _PIN_LOCK = threading.Lock()
-_PIN = [0, 1]  # [open contexts, count saved by the first]
+_PIN = [0, 1, []]  # [open contexts, numpy's count saved by the first, the others' counts]
 
 
 class single_blas_thread:
     """Context: BLAS calls use one BLAS thread while any such context is open (no-op if
-    unsupported). Process-wide, as OpenBLAS's count is; nests and overlaps across threads."""
+    unsupported), in numpy's and scipy's OpenBLAS alike. Process-wide, as OpenBLAS's count
+    is; nests and overlaps across threads."""
 
     def __enter__(self):
         lib = _blas()
@@ -132,6 +149,7 @@ class single_blas_thread:
             with _PIN_LOCK:
                 if _PIN[0] == 0:
                     _PIN[1] = lib.set_local(1)
+                    _PIN[2] = [other(1) for other in lib.others]
                 _PIN[0] += 1
         return self
 
@@ -142,6 +160,8 @@ class single_blas_thread:
                 _PIN[0] -= 1
                 if _PIN[0] == 0:
                     lib.set_local(_PIN[1])
+                    for other, count in zip(lib.others, _PIN[2]):
+                        other(count)
 
 
 def _pool(workers: int):

@@ -42,6 +42,9 @@ DEFAULT_CPU_BY_OP: dict[str, str] = {
 DEFAULT_CPU_BATCH1_BY_OP: dict[str, str] = {
     "conv2d": "numba",
     "conv2d_grad_input": "numba",
+    # numba's dense ops are numpy's; numba adds the fused power steps (dense_power_steps)
+    "dense": "numba",
+    "dense_grad_input": "numba",
 }
 DEFAULT_GPU = "cupy"
 
@@ -140,6 +143,11 @@ def _default_cpu(op: str, like) -> str:
     if name is None or _load(name) is not None:
         return DEFAULT_CPU
     return name
+
+
+def has(op: str, backend: str) -> bool:
+    """Whether ``backend`` is available and implements ``op`` (optional fused ops)."""
+    return _load(backend) is None and (op, backend) in _IMPLS
 
 
 def get(op: str, backend: str):

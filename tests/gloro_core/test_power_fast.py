@@ -1,9 +1,25 @@
-"""power_steps' direct-backend loop equals the plain API loop; sigma=False skips only sigma."""
+"""power_steps (the fused numba loop by default, the direct-backend loop under
+GLORO_BACKEND=numpy) equals the plain API loop; sigma=False skips only sigma."""
 import numpy as np
 import pytest
 
 import kernels
-from gloro_core.lipschitz import LinearOp, init_iterate, power_steps
+from gloro_core.lipschitz import LinearOp, _fused_steps, init_iterate, power_steps
+from kernels import registry
+
+# "fused": numba's conv2d_power_steps / dense_power_steps; "loop": one backend call per half-step
+PATHS = ["fused", "loop"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    if request.param == "fused":
+        if registry.availability()["numba"] is not None:
+            pytest.skip("numba is not available")
+        monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(registry.ENV_VAR, "numpy")
+    return request.param
 
 
 def _plain(op, w, v, iters):
@@ -15,14 +31,18 @@ def _plain(op, w, v, iters):
     return v, float(np.linalg.norm(op.apply(w, v).astype(np.float64)))
 
 
-@pytest.mark.parametrize("kind", ["conv_s1", "conv_s2", "dense"])
+@pytest.mark.parametrize("kind", ["conv_s1", "conv_s2", "conv_s3_valid", "conv_k5_s2x1", "conv_pad2x0", "dense"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_power_steps_match_plain_loop(kind, dtype):
+def test_power_steps_match_plain_loop(path, kind, dtype):
     rng = np.random.default_rng()
-    if kind == "dense":
-        op = LinearOp.dense(12, 7)
-    else:
-        op = LinearOp.conv((3, 9, 8), 5, 3 if kind == "conv_s1" else 4, 1 if kind == "conv_s1" else 2)
+    op = {"dense": lambda: LinearOp.dense(12, 7),
+          "conv_s1": lambda: LinearOp.conv((3, 9, 8), 5, 3, 1),
+          "conv_s2": lambda: LinearOp.conv((3, 9, 8), 5, 4, 2),
+          "conv_s3_valid": lambda: LinearOp.conv((2, 11, 10), 4, 3, 3, "valid"),
+          "conv_k5_s2x1": lambda: LinearOp.conv((3, 8, 9), 2, (5, 3), (2, 1), 1),
+          "conv_pad2x0": lambda: LinearOp.conv((2, 7, 9), 3, 3, (1, 2), (2, 0))}[kind]()
+    assert (_fused_steps(op, np.zeros(op.w_shape, dtype), np.zeros(op.iterate_shape, dtype)) is not None) \
+        == (path == "fused")
     w = rng.standard_normal(op.w_shape).astype(dtype)
     v0 = init_iterate(op, rng, dtype)
     v0_copy = v0.copy()
@@ -38,17 +58,35 @@ def test_power_steps_match_plain_loop(kind, dtype):
     np.testing.assert_array_equal(v2, v)
 
 
-def test_power_steps_still_validate():
+def test_power_steps_still_validate(path):
     op = LinearOp.conv((3, 9, 8), 5, 3)
-    w = np.ones((5, 4, 3, 3), dtype=np.float32)  # wrong input channels
+    v = np.ones(op.iterate_shape, np.float32)
+    w = np.ones(op.w_shape, np.float32)
     with pytest.raises(ValueError):
-        power_steps(op, w, np.ones(op.iterate_shape, np.float32), 2)
+        power_steps(op, np.ones((5, 4, 3, 3), dtype=np.float32), v, 2)  # wrong input channels
     with pytest.raises(ValueError):
-        power_steps(op, np.ones(op.w_shape, np.float32), np.ones(op.iterate_shape, np.float32), -1)
+        power_steps(op, w, v, -1)
+    with pytest.raises(TypeError):
+        power_steps(op, w, v.astype(np.float64), 2)  # mixed dtypes
+    with pytest.raises(TypeError):
+        power_steps(op, w.astype(np.int32), v.astype(np.int32), 2)
 
 
-def test_zero_operator_keeps_iterate():
-    op = LinearOp.dense(6, 3)
-    v = np.full(op.iterate_shape, 1 / 6 ** 0.5, np.float32)
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_zero_operator_keeps_iterate(path, kind):
+    op = LinearOp.dense(6, 3) if kind == "dense" else LinearOp.conv((2, 5, 5), 3, 3, 2)
+    v = np.full(op.iterate_shape, 1 / np.prod(op.iterate_shape) ** 0.5, np.float32)
     out, s = power_steps(op, np.zeros(op.w_shape, np.float32), v, 3, sigma=False)
-    assert s == 0.0 and out is v
+    assert s == 0.0
+    np.testing.assert_array_equal(out, v)
+
+
+def test_rank_one_operator_converges_in_one_step(path):
+    """A rank-1 W: one step puts the iterate on W's row (up to sign), later steps keep it,
+    and sigma is the row's norm exactly."""
+    op = LinearOp.dense(4, 2)
+    w = np.zeros(op.w_shape, np.float64)
+    w[0, 1] = 3.0
+    v, s = power_steps(op, w, np.full(op.iterate_shape, 0.5), 4)
+    np.testing.assert_allclose(np.abs(v), [[0.0, 1.0, 0.0, 0.0]], atol=1e-15)
+    assert s == pytest.approx(3.0, rel=1e-15)
