@@ -59,6 +59,11 @@ class LinearOp:
     def dense(cls, n_in, units):
         return cls("dense", (int(n_in),), (int(units),), (int(units), int(n_in)))
 
+    def flops(self) -> int:
+        """Multiply-adds of A v for one iterate (the power steps' cost, for scheduling)."""
+        n = int(np.prod(self.w_shape))
+        return n * int(np.prod(self.out_shape[1:])) if self.kind == "conv" else n
+
     @property
     def iterate_shape(self) -> tuple:
         """Shape of the power iterate: the layer input with batch 1."""
@@ -111,6 +116,57 @@ def _raw_ops(op: LinearOp, w, v):
     fa = registry.get("dense", registry.select("dense", v))
     fb = registry.get("dense_grad_input", registry.select("dense_grad_input", v))
     return (lambda a: fa(a, w, None)), (lambda b: fb(b, w))
+
+
+def power_update_layers(ops, weights, iterates, iters: int) -> list:
+    """power_steps(sigma=False) on every layer's iterate; returns the new iterates.
+
+    Layers whose steps run fused in one backend call that releases the GIL (numba's)
+    run concurrently on up to kernels.cpu_threads() Python threads, largest first onto
+    the least-loaded thread (4C3F: 13.5 -> ~8 ms a training step on 2 cores); the
+    rest (other backends, GPU arrays) run one after the other.
+    """
+    out = list(iterates)
+    threads = kernels.cpu_threads()
+    fused = [i for i, (op, w, v) in enumerate(zip(ops, weights, iterates))
+             if threads > 1 and iters > 0 and _fused_steps(op, w, v) is not None]
+    for i in sorted(set(range(len(ops))) - set(fused)):
+        out[i], _ = power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)
+    if len(fused) < 2:
+        for i in fused:
+            out[i], _ = power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)
+        return out
+    groups = [[] for _ in range(min(threads, len(fused)))]
+    load = [0] * len(groups)
+    for i in sorted(fused, key=lambda i: -ops[i].flops()):
+        t = load.index(min(load))
+        groups[t].append(i)
+        load[t] += ops[i].flops()
+
+    def run(group):
+        return [(i, power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)[0]) for i in group]
+
+    futs = [_pool(len(groups) - 1).submit(run, g) for g in groups[1:]]
+    try:
+        done = run(groups[0])
+    finally:
+        rest = [f.result() for f in futs]  # joined even when the first group raised
+    for i, v in done + [r for part in rest for r in part]:
+        out[i] = v
+    return out
+
+
+_POOL = None
+
+
+def _pool(workers: int):
+    """A process-wide thread pool for power_update_layers (grown on demand)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gloro-power")
+    return _POOL
 
 
 def _fused_steps(op: LinearOp, w, v):

@@ -36,7 +36,7 @@ from nn import init as nn_init
 from nn.tensor import Parameter, Tensor, no_grad
 
 from . import checkpoint, losses, rounding
-from .lipschitz import LinearOp, converge, init_iterate, power_steps
+from .lipschitz import LinearOp, converge, init_iterate, power_update_layers
 
 ACTIVATIONS = ("relu", "minmax")
 INITS = {"glorot_uniform": "glorot_uniform", "glorot": "glorot_uniform", "orthogonal": "orthogonal"}
@@ -285,8 +285,7 @@ class GloroNet:
     # ------------------------------------------------------------------ training K
     def power_update(self, iters: int):
         """Run ``iters`` power steps on every stored iterate (no gradient)."""
-        for i, op in enumerate(self.ops):
-            self.iterates[i], _ = power_steps(op, self.params[i][0].data, self.iterates[i], iters, sigma=False)
+        self.iterates = power_update_layers(self.ops, [w.data for w, _ in self.params], self.iterates, iters)
 
     def layer_sigmas(self, upto=None):
         """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only.

@@ -21,6 +21,7 @@ from .api import (
 )
 from .checks import conv_out_hw, resolve_padding
 from .fused import adam_update
+from .numpy_backend import cpu_threads
 from .registry import array_module, availability, backends, is_gpu_array
 
 OPS = (
@@ -38,6 +39,7 @@ __all__ = [
     "OPS",
     "adam_update",
     "array_module",
+    "cpu_threads",
     "availability",
     "backends",
     "conv2d",

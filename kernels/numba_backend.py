@@ -518,7 +518,7 @@ def _scale_inplace(a, nrm):
     a /= d[0]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: layers' loops may run concurrently (lipschitz.power_update_layers)
 def _conv_power_loop(v, wmat, wmat_t, iters, kh, kw, sh, sw, pt, pl, oh, ow):
     """``iters`` steps v <- A^T (A v / ||A v||) / ||.|| for the conv A; v (1, C, H, W).
 
@@ -545,7 +545,7 @@ def _conv_power_loop(v, wmat, wmat_t, iters, kh, kw, sh, sw, pt, pl, oh, ow):
     return v, True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _dense_power_loop(v, w, iters):
     """``iters`` steps v <- W^T (W v / ||W v||) / ||.||; v (I,), w (O, I) contiguous."""
     for _ in range(iters):

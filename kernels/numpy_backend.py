@@ -164,6 +164,12 @@ class single_blas_thread:
                         other(count)
 
 
+def cpu_threads() -> int:
+    """Threads the CPU kernels split work over: OpenBLAS's configured thread count (1 when
+    its threads cannot be controlled here)."""
+    return _blas().threads() if _blas().set_local is not None else 1
+
+
 def _pool(workers: int):
     global _POOL
     with _POOL_LOCK:
