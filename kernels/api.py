@@ -25,11 +25,13 @@ def _check_out(name, a, expected):
 
 # ---------------------------------------------------------------- conv2d
 
-def conv2d(x, w, b=None, stride=1, padding="same", backend=None):
-    """y[n,o] = sum_c x[n,c] (*) w[o,c] + b[o].
+def conv2d(x, w, b=None, stride=1, padding="same", backend=None, relu=False):
+    """y[n,o] = sum_c x[n,c] (*) w[o,c] + b[o]; with relu=True, max(y, 0) (NaN stays).
 
     x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW).
     padding: "same" (TensorFlow: extra pixel at bottom/right), "valid", or int.
+    relu runs fused in the backend's ``conv2d_relu`` where it has one (numpy: per chunk,
+    in cache), else as one in-place pass over y.
     """
     check_float("x", x)
     check_ndim("x", x, 4, "N, C, H, W")
@@ -39,7 +41,13 @@ def conv2d(x, w, b=None, stride=1, padding="same", backend=None):
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"b must have shape ({w.shape[0]},), got {tuple(b.shape)}")
     check_same_dtype(x=x, w=w, b=b)
-    return _run("conv2d", x, backend, x, w, b, s, pads)
+    name = registry.select("conv2d", x, backend)
+    if relu and registry.has("conv2d_relu", name):
+        return registry.get("conv2d_relu", name)(x, w, b, s, pads)
+    y = registry.get("conv2d", name)(x, w, b, s, pads)
+    if relu:
+        registry.array_module(y).maximum(y, y.dtype.type(0), out=y)
+    return y
 
 
 def conv2d_grad_input(gy, w, x_shape, stride=1, padding="same", backend=None):

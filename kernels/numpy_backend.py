@@ -331,6 +331,17 @@ def _gy_wide(gy, g: _Geom):
 @register("conv2d", "numpy")
 def conv2d(x, w, b, stride, pads):
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
+    return _conv2d(x, w, b, stride, pads, False)
+
+
+@register("conv2d_relu", "numpy")
+def conv2d_relu(x, w, b, stride, pads):
+    """relu(conv2d(x, w, b)): the ReLU runs per chunk in the worker threads while the
+    chunk is in cache, instead of one more pass over y (NaN stays NaN, as np.maximum)."""
+    return _conv2d(x, w, b, stride, pads, True)
+
+
+def _conv2d(x, w, b, stride, pads, relu):
     g = _Geom(x.shape, w.shape, stride, pads)
     n = x.shape[0]
     w2 = w.reshape(g.o, g.k)
@@ -346,6 +357,8 @@ def conv2d(x, w, b, stride, pads):
                 np.matmul(w2, _im2col_per_sample(xc, g), out=out)  # (O, K) @ (m, K, P)
                 if b is not None:
                     out += b[:, None]
+                if relu:
+                    np.maximum(out, out.dtype.type(0), out=out)
 
         _run_groups(_groups(n, step), run)
         return y
@@ -361,6 +374,8 @@ def conv2d(x, w, b, stride, pads):
                 y[n0:n0 + m] = yv
             else:
                 np.add(yv, b[:, None, None], out=y[n0:n0 + m])
+            if relu:
+                np.maximum(y[n0:n0 + m], y.dtype.type(0), out=y[n0:n0 + m])
 
     _run_groups(_groups(n, step), run)
     return y

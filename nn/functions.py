@@ -653,16 +653,14 @@ def conv2d(x, w, b=None, stride=1, padding="same", relu=False) -> Tensor:
 
     padding "same" (TensorFlow), "valid" or int; validation is the kernel API's.
     relu=True returns relu(conv2d(...)) as one node: the same values and gradients as
-    ``relu(conv2d(...))``, but the ReLU is applied in place on the conv output, so the
-    pre-activation is neither kept alive for backward nor copied (less memory and one
-    fresh array fewer per layer).
+    ``relu(conv2d(...))``, but the ReLU is applied by the kernel (fused per chunk, or in
+    place on its output), so the pre-activation is neither kept alive for backward nor
+    copied (less memory and one fresh array fewer per layer).
     """
     x, w, b = _kernel_operands(x, w, b)
     parents = (x, w) if b is None else (x, w, b)
     bdata = None if b is None else b.data
-    out = kernels.conv2d(_contig(x.data), _contig(w.data), bdata, stride, padding)
-    if relu:
-        _relu_inplace(out)
+    out = kernels.conv2d(_contig(x.data), _contig(w.data), bdata, stride, padding, relu=relu)
     kh, kw = w.shape[2], w.shape[3]
 
     def backward(g):  # gx = transposed conv of g; gw = correlation of x with g; gb = sum of g

@@ -236,3 +236,28 @@ def test_numpy_conv_both_layouts_match_reference(monkeypatch, max_k, n, c, h, w,
                            backend="numpy")
     assert got32.dtype == np.float32
     np.testing.assert_allclose(got32, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("max_k", [0, 10**6], ids=["wide-rows", "per-sample"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "reference"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv2d_relu_equals_relu_of_conv2d(monkeypatch, max_k, backend, with_bias):
+    """relu=True (numpy: fused per chunk; others: one in-place pass) gives exactly
+    max(conv2d(...), 0), NaN included, in both numpy layouts and several chunks."""
+    import kernels
+    import kernels.numpy_backend as nb
+
+    if registry.availability()[backend] is not None:
+        pytest.skip(f"{backend} is not available")
+    monkeypatch.setattr(nb, "PER_SAMPLE_MAX_K", max_k)
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 256)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((5, 3, 9, 8)).astype(np.float32)
+    x[1, 0, 4, 4] = np.nan
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32) if with_bias else None
+    for stride in (1, 2):
+        y = kernels.conv2d(x, w, b, stride, "same", backend=backend)
+        got = kernels.conv2d(x, w, b, stride, "same", backend=backend, relu=True)
+        assert got.dtype == np.float32 and np.isnan(got).any() and (got == 0).any()
+        np.testing.assert_array_equal(got, np.maximum(y, np.float32(0)))
