@@ -877,6 +877,10 @@ def bench_memory(b: Bench) -> None:
                     x, y = _synthetic(shape, BATCH)
                     step = Ours.step_fn(m, Ours.optimizer(m), x, y, "gloro", iters)
                     step()  # warm: compile, optimizer state, iterates
+                # pooled output buffers from earlier steps would not be counted: start empty
+                from kernels import buffers
+
+                buffers.clear()
                 gc.collect()
                 tracemalloc.start()
                 tracemalloc.reset_peak()

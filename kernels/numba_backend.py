@@ -40,6 +40,7 @@ import types
 
 import numpy as np
 
+from . import buffers
 from . import numpy_backend as _numpy_backend
 from .numpy_backend import single_blas_thread as _single_blas_thread
 from .registry import register
@@ -445,7 +446,7 @@ def _as3(a):
 def minmax(x):
     """x (N, C, ...) with C even -> same shape; channels (2k, 2k+1) become (min, max)."""
     x3 = _as3(x)
-    y = np.empty_like(x3)
+    y = buffers.empty(x3.shape, x3.dtype)
     if x3.shape[2] == 1:  # (N, C) features: pairs are adjacent, one flat loop
         _minmax_pairs(x3.size, x3.reshape(-1), y.reshape(-1))
     else:
@@ -458,7 +459,7 @@ def minmax_grad(x, gy):
     """x, gy (N, C, ...) -> gx: gy[2k] to the argmin, gy[2k+1] to the argmax (ties: in order)."""
     x3 = _as3(x)
     g3 = _as3(gy)
-    gx = np.empty_like(g3)
+    gx = buffers.empty(g3.shape, g3.dtype)
     if x3.shape[2] == 1:
         _minmax_grad_pairs(x3.size, x3.reshape(-1), g3.reshape(-1), gx.reshape(-1))
     else:
@@ -484,7 +485,7 @@ def relu_grad(out, gy):
     """
     o = np.ascontiguousarray(out).reshape(-1)
     g = np.ascontiguousarray(gy).reshape(-1)
-    gx = np.empty(g.shape, dtype=gy.dtype)
+    gx = buffers.empty(g.shape, gy.dtype)
     # serial: one memory-bound pass gains little from a second thread, and a parallel
     # launch between BLAS calls stalls on a loaded machine
     _relu_grad(o, g, gx)

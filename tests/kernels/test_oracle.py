@@ -401,6 +401,7 @@ def test_numpy_chunk_boundaries(monkeypatch, case, per_chunk, rng):
     g = numpy_backend._Geom(x.shape, w.shape, s if isinstance(s, tuple) else (s, s),
                             kernels.resolve_padding(p, (h, wd), (kh, kw), s if isinstance(s, tuple) else (s, s)))
     monkeypatch.setattr(numpy_backend, "CHUNK_BYTES", per_chunk * g.k * g.t * 8)
+    monkeypatch.setattr(numpy_backend, "MIN_CHUNK_SAMPLES", 1)
     assert g.chunk(5, 8) == min(per_chunk, 5)
     y = call("conv2d", "numpy", x, w, b, s, p)
     assert_close(y, _ref("conv2d", x, w, b, s, p), _ref("conv2d", np.abs(x), np.abs(w), np.abs(b), s, p), 1e-10, "conv2d")

@@ -98,6 +98,7 @@ def test_numpy_conv_chunks_split_over_threads(monkeypatch, threads, stride, c):
     w = rng.standard_normal((5, c, 3, 3)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
     monkeypatch.setattr(nb, "CHUNK_BYTES", 1)  # one sample per chunk: 7 chunks
+    monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
     results = {}
     for t in (1, threads):
         monkeypatch.setattr(nb._blas(), "threads", lambda t=t: t)
@@ -147,6 +148,7 @@ def test_numpy_conv_split_restores_blas_threads(monkeypatch):
     prev = lib.set_local(2)
     try:
         monkeypatch.setattr(nb, "CHUNK_BYTES", 1)  # one sample per chunk: many chunks, 2 groups
+        monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
         rng = np.random.default_rng()
         x = rng.standard_normal((9, 16, 8, 8)).astype(np.float32)
         w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
@@ -221,6 +223,7 @@ def test_numpy_conv_both_layouts_match_reference(monkeypatch, max_k, n, c, h, w,
 
     monkeypatch.setattr(nb, "PER_SAMPLE_MAX_K", max_k)
     monkeypatch.setattr(nb, "CHUNK_BYTES", 64)  # several chunks per call
+    monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
     rng = np.random.default_rng()
     x = rng.standard_normal((n, c, h, w))
     wt = rng.standard_normal((o, c, kh, kw))
@@ -251,6 +254,7 @@ def test_conv2d_relu_equals_relu_of_conv2d(monkeypatch, max_k, backend, with_bia
         pytest.skip(f"{backend} is not available")
     monkeypatch.setattr(nb, "PER_SAMPLE_MAX_K", max_k)
     monkeypatch.setattr(nb, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
     rng = np.random.default_rng()
     x = rng.standard_normal((5, 3, 9, 8)).astype(np.float32)
     x[1, 0, 4, 4] = np.nan
