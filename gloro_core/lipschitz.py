@@ -29,6 +29,7 @@ from kernels.registry import array_module
 from kernels.checks import check_conv, check_float, check_same_dtype, check_stride, conv_out_hw, resolve_padding
 
 from . import bounds
+from .concurrency import pool
 
 
 @dataclass
@@ -146,7 +147,7 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     def run(group):
         return [(i, power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)[0]) for i in group]
 
-    futs = [_pool(len(groups) - 1).submit(run, g) for g in groups[1:]]
+    futs = [pool(len(groups) - 1).submit(run, g) for g in groups[1:]]
     try:
         done = run(groups[0])
     finally:
@@ -154,19 +155,6 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     for i, v in done + [r for part in rest for r in part]:
         out[i] = v
     return out
-
-
-_POOL = None
-
-
-def _pool(workers: int):
-    """A process-wide thread pool for power_update_layers (grown on demand)."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gloro-power")
-    return _POOL
 
 
 def _fused_steps(op: LinearOp, w, v):
