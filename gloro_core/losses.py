@@ -16,7 +16,7 @@ import numpy as np
 
 from kernels.registry import array_module, is_gpu_array
 from nn import functions as F
-from nn.tensor import Tensor
+from nn.tensor import Tensor, make_result
 
 VARIANTS = ("margin", "basic")
 
@@ -61,6 +61,57 @@ def pair_norms(w: Tensor, j: np.ndarray) -> Tensor:
     return norms[xp.asarray(inv)]
 
 
+# m * m * d up to which the margin y_⊥ is one fused node (_margin_bot_fused) instead of
+# ~20 autodiff ops (2C2F head: 0.46 -> ~0.2 ms per step)
+_FUSED_PAIRS_MAX = 1 << 22
+
+
+def _margin_bot_fused(y: Tensor, w: Tensor, k_sub, eps: float, j) -> Tensor:
+    """The margin y_⊥ (n,) as one node: the values of the op-by-op form (pair_norms, then
+    y + (D K) eps masked at j, max), and its gradient written out.
+
+    D[a, b] = ||w_a - w_b|| for all class pairs (m, m) with l2_norm's scaled arithmetic;
+    i*_n = the first argmax of the masked candidates. Backward: g_n goes to y[n, i*_n];
+    K gets sum_n g_n eps D[j_n, i*_n]; D[j_n, i*_n] gets c_n = g_n eps K, hence
+    w_a += sum_b C[a, b] u_ab and w_b -= the same, u_ab = (w_a - w_b) / D[a, b] (0 where
+    D = 0, as l2_norm's gradient), C[a, b] = the sum of c_n over n with (j_n, i*_n) = (a, b).
+    """
+    xp = array_module(y.data)
+    n, m = y.shape
+    dt = y.dtype
+    k = k_sub if isinstance(k_sub, Tensor) else Tensor(xp.asarray(k_sub, dtype=dt))
+    wd = w.data
+    diff = wd[:, None, :] - wd[None, :, :]                                   # (m, m, d)
+    amax = xp.abs(diff).max(axis=2, keepdims=True)
+    nz = amax > 0
+    scale = xp.where(nz, amax, xp.ones((), dtype=dt))
+    xs = diff / scale
+    dist = xp.where(nz, scale * xp.sqrt((xs * xs).sum(axis=2, keepdims=True)), xp.zeros((), dtype=dt))[..., 0]
+    dist[xp.arange(m), xp.arange(m)] = 1                                      # placeholder, masked below
+    jj = xp.asarray(j)
+    rows = xp.arange(n)
+    e = dt.type(eps)
+    cand = y.data + (dist[jj] * k.data) * e
+    cand[rows, jj] = -xp.inf
+    istar = cand.argmax(axis=1)
+    out = cand[rows, istar]
+
+    def backward(g):
+        gy = xp.zeros((n, m), dtype=dt)
+        gy[rows, istar] = g
+        gk = (g * e * dist[jj, istar]).sum().reshape(k.shape) if k.requires_grad else None
+        gw = None
+        if w.requires_grad:
+            c = xp.bincount(jj * m + istar, weights=g * e * k.data, minlength=m * m).reshape(m, m).astype(dt)
+            safe = xp.where(dist > 0, dist, xp.ones((), dtype=dt))
+            u = xp.where((dist > 0)[..., None], diff / safe[..., None], xp.zeros((), dtype=dt))
+            u[xp.arange(m), xp.arange(m)] = 0
+            gw = xp.einsum("ab,abd->ad", c, u) - xp.einsum("ab,abd->bd", c, u)
+        return gy, gw, gk
+
+    return make_result(out, (y, w, k), backward, "margin_bot")
+
+
 def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "margin") -> Tensor:
     """y_⊥ (n,) from logits y (n, m), last weight (m, d), K_sub (scalar Tensor or float)."""
     if variant not in VARIANTS:
@@ -70,6 +121,8 @@ def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "marg
     is_j = np.zeros((n, m), dtype=bool)
     is_j[np.arange(n), j] = True
     if variant == "margin":
+        if m * m * w_last.shape[1] <= _FUSED_PAIRS_MAX:
+            return _margin_bot_fused(y, w_last, k_sub, eps, j)
         kij = pair_norms(w_last, j) * k_sub                                   # (n, m)
     else:
         ki = F.l2_norm(w_last, axis=1) * k_sub                                 # (m,)
