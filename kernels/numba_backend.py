@@ -512,11 +512,16 @@ def _sumsq64(a):
 
 
 @njit(cache=True)
-def _scale_inplace(a, nrm):
-    """a /= nrm in a's own dtype (nrm rounded to it first, as ``a /= a.dtype.type(nrm)``)."""
+def _normalize(a):
+    """a /= ||a|| in place (the norm summed in float64, then rounded to a's dtype, as
+    ``a /= a.dtype.type(nrm)``); False, a untouched, when the norm is exactly 0."""
+    nrm = np.sqrt(_sumsq64(a))
+    if nrm == 0.0:
+        return False
     d = np.empty(1, a.dtype)
     d[0] = nrm
     a /= d[0]
+    return True
 
 
 @njit(cache=True, nogil=True)  # nogil: layers' loops may run concurrently (lipschitz.power_update_layers)
@@ -532,16 +537,12 @@ def _conv_power_loop(v, wmat, wmat_t, iters, kh, kw, sh, sw, pt, pl, oh, ow):
     for _ in range(iters):
         _im2col_ser(v, 0, cols, kh, kw, sh, sw, pt, pl, oh, ow)
         u = np.dot(wmat, cols)
-        nu = np.sqrt(_sumsq64(u))
-        if nu == 0.0:
+        if not _normalize(u):
             return v, False
-        _scale_inplace(u, nu)
         z = np.empty((1, c, h, w), v.dtype)
         _col2im_ser(np.dot(wmat_t, u), 0, z, kh, kw, sh, sw, pt, pl, oh, ow)
-        nz = np.sqrt(_sumsq64(z))
-        if nz == 0.0:
+        if not _normalize(z):
             return v, False
-        _scale_inplace(z, nz)
         v = z
     return v, True
 
@@ -551,15 +552,11 @@ def _dense_power_loop(v, w, iters):
     """``iters`` steps v <- W^T (W v / ||W v||) / ||.||; v (I,), w (O, I) contiguous."""
     for _ in range(iters):
         u = np.dot(w, v)
-        nu = np.sqrt(_sumsq64(u))
-        if nu == 0.0:
+        if not _normalize(u):
             return v, False
-        _scale_inplace(u, nu)
         z = np.dot(u, w)
-        nz = np.sqrt(_sumsq64(z))
-        if nz == 0.0:
+        if not _normalize(z):
             return v, False
-        _scale_inplace(z, nz)
         v = z
     return v, True
 
