@@ -129,13 +129,16 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     """
     out = list(iterates)
     threads = kernels.cpu_threads()
-    fused = [i for i, (op, w, v) in enumerate(zip(ops, weights, iterates))
-             if threads > 1 and iters > 0 and _fused_steps(op, w, v) is not None]
-    for i in sorted(set(range(len(ops))) - set(fused)):
-        out[i], _ = power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)
+    fused = {}  # layer -> its fused steps
+    for i, (op, w, v) in enumerate(zip(ops, weights, iterates)):
+        f = _fused_steps(op, w, v) if threads > 1 and iters > 0 else None
+        if f is None:
+            out[i], _ = power_steps(op, w, v, iters, sigma=False)
+        else:
+            fused[i] = f
     if len(fused) < 2:
-        for i in fused:
-            out[i], _ = power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)
+        for i, f in fused.items():
+            out[i], _ = _run_fused(f, ops[i], weights[i], iterates[i], iters, sigma=False)
         return out
     groups = [[] for _ in range(min(threads, len(fused)))]
     load = [0] * len(groups)
@@ -145,7 +148,7 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
         load[t] += ops[i].flops()
 
     def run(group):
-        return [(i, power_steps(ops[i], weights[i], iterates[i], iters, sigma=False)[0]) for i in group]
+        return [(i, _run_fused(fused[i], ops[i], weights[i], iterates[i], iters, sigma=False)[0]) for i in group]
 
     futs = [pool(len(groups) - 1).submit(run, g) for g in groups[1:]]
     try:
@@ -183,6 +186,14 @@ def _fused_steps(op: LinearOp, w, v):
     return lambda a, n: fn(a, w, n)
 
 
+def _run_fused(fused, op: LinearOp, w, v, iters: int, sigma: bool):
+    """power_steps' result through a function from _fused_steps."""
+    v, ok = fused(v, int(iters))
+    if not ok:  # A v or A^T u was exactly 0 (see module docstring)
+        return v, 0.0
+    return v, (_norm(op.apply(w, v)) if sigma else None)
+
+
 def init_iterate(op: LinearOp, rng, dtype=np.float32):
     """A random unit iterate of shape op.iterate_shape."""
     v = rng.standard_normal(op.iterate_shape)
@@ -201,10 +212,7 @@ def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
         raise ValueError(f"power iterations must be >= 0, got {iters}")
     fused = _fused_steps(op, w, v) if iters else None
     if fused is not None:
-        v, ok = fused(v, int(iters))
-        if not ok:  # A v or A^T u was exactly 0 (see module docstring)
-            return v, 0.0
-        return v, (_norm(op.apply(w, v)) if sigma else None)
+        return _run_fused(fused, op, w, v, iters, sigma)
     u = op.apply(w, v)  # validated through the API; the rest are direct backend calls
     if not iters:
         return v, (_norm(u) if sigma else None)

@@ -186,7 +186,7 @@ def _pool(workers: int):
 def _groups(n: int, step: int):
     """Chunk starts 0, step, ... < n split into contiguous groups, one per worker thread."""
     starts = list(range(0, n, step))
-    t = min(_blas().threads(), len(starts)) if _blas().set_local is not None else 1
+    t = min(cpu_threads(), len(starts))
     if t <= 1:
         return [starts]
     k, r = divmod(len(starts), t)
@@ -281,7 +281,7 @@ class _Geom:
 def _step(g: _Geom, n: int, itemsize: int) -> int:
     """Samples per chunk: g.chunk, capped so that every BLAS thread gets a chunk (a batch
     whose cols fit in one CHUNK_BYTES chunk still splits over the threads)."""
-    t = _blas().threads() if _blas().set_local is not None else 1
+    t = cpu_threads()
     return max(1, min(g.chunk(n, itemsize), -(-n // t)))
 
 
@@ -483,7 +483,7 @@ def _matmul(a, b):
     """a (M, K) @ b (K, N) -> new (M, N) array, rows split over threads (see DENSE_SPLIT_MIN)."""
     m = a.shape[0]
     out = buffers.empty((m, b.shape[1]), np.result_type(a, b))
-    t = _blas().threads() if _blas().set_local is not None else 1
+    t = cpu_threads()
     if t <= 1 or m < 2 * t or m * a.shape[1] * b.shape[1] < DENSE_SPLIT_MIN:
         with single_blas_thread():
             np.matmul(a, b, out=out)
