@@ -39,11 +39,23 @@ def _refs(buf) -> int:
     return sys.getrefcount(buf)
 
 
-# references to a buffer that no view holds, as counted inside _take's loop: measured
-# once here along the same code path (list entry + loop variable + _refs' argument)
-for _probe in [np.empty(1, np.uint8)]:
-    _FREE_REFS = _refs(_probe)
-del _probe
+def _free_buffers(bufs: list) -> list:
+    """The buffers of ``bufs`` that no array views, in order.
+
+    Each is compared with a probe buffer that nothing views, counted through the very same
+    code (a list entry, this loop's variable, _refs' argument): the baseline then holds
+    whatever an interpreter version counts for those, which a constant would not.
+    """
+    out = []
+    for buf in _PROBE + bufs:
+        if buf is _PROBE[0]:
+            base = _refs(buf)
+        elif _refs(buf) <= base:
+            out.append(buf)
+    return out
+
+
+_PROBE = [np.empty(1, np.uint8)]
 
 
 def enabled() -> bool:
@@ -53,22 +65,20 @@ def enabled() -> bool:
 def _take(cap: int):
     """A free pooled buffer of ``cap`` to ``2 cap`` bytes (the smallest), or None."""
     for size in sorted(c for c in _pool if cap <= c <= 2 * cap):
-        for buf in _pool[size]:
-            if _refs(buf) <= _FREE_REFS:
-                return buf
+        free = _free_buffers(_pool[size])
+        if free:
+            return free[0]
     return None
 
 
 def _release_free(need: int) -> None:
-    """Drop free buffers until ``need`` more bytes fit under POOL_LIMIT."""
+    """Drop free buffers, largest first, until ``need`` more bytes fit under POOL_LIMIT."""
     for cap in sorted(_pool, reverse=True):
-        keep = []
-        for buf in _pool[cap]:
-            if _held[0] + need > POOL_LIMIT and _refs(buf) <= _FREE_REFS:
-                _held[0] -= cap
-            else:
-                keep.append(buf)
-        _pool[cap] = keep
+        for buf in _free_buffers(_pool[cap]):
+            if _held[0] + need <= POOL_LIMIT:
+                return
+            _pool[cap] = [b for b in _pool[cap] if b is not buf]
+            _held[0] -= cap
 
 
 def empty(shape, dtype) -> np.ndarray:
@@ -113,5 +123,5 @@ def stats() -> dict:
     """{"buffers": n, "bytes": held, "free_bytes": not used by any array}."""
     with _lock:
         n = sum(len(v) for v in _pool.values())
-        free = sum(cap for cap, bufs in _pool.items() for b in bufs if _refs(b) <= _FREE_REFS)
+        free = sum(cap * len(_free_buffers(bufs)) for cap, bufs in _pool.items())
         return {"buffers": n, "bytes": _held[0], "free_bytes": free}
