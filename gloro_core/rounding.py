@@ -67,14 +67,41 @@ def sq_norms(x2d) -> np.ndarray:
 
     Summed in float64, where squares of float32 values neither underflow nor overflow
     (in float32 tiny inputs would square to 0 and make the bound vanish); a sum of d
-    non-negative rounded squares is off by at most gamma_{d+1} relative, so the result is
-    divided by (1 - gamma_{d+1}).
+    non-negative rounded squares is off by at most gamma_{d+1} relative in any order, so
+    the result is divided by (1 - gamma_{d+1}). NumPy arrays take one Numba pass (no
+    float64 copy of x: 0.05 vs 0.44 ms at 1024 x 784).
     """
-    x64 = x2d.astype(np.float64)
-    s = array_module(x64).einsum("ij,ij->i", x64, x64)
-    s = np.asarray(s.get() if hasattr(s, "get") else s, dtype=np.float64)
+    if _sq_rows is not None and isinstance(x2d, np.ndarray) and x2d.dtype in (np.float32, np.float64):
+        s = _sq_rows(np.ascontiguousarray(x2d))
+    else:
+        x64 = x2d.astype(np.float64)
+        s = array_module(x64).einsum("ij,ij->i", x64, x64)
+        s = np.asarray(s.get() if hasattr(s, "get") else s, dtype=np.float64)
     g = gamma(x2d.shape[1], np.float64)
     return s / (1.0 - g) * _INFLATE
+
+
+try:
+    from numba import njit as _njit
+except Exception:  # no numba: the NumPy forms below run instead
+    _njit = None
+
+if _njit is None:
+    _sq_rows = None
+else:
+    # reassoc lets the sum vectorise (the bound holds for any order); no nnan/ninf: the
+    # callers' inputs are finite, and float32 squares cannot overflow float64
+    @_njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _sq_rows(x):
+        n, d = x.shape
+        out = np.empty(n)
+        for i in range(n):
+            s = 0.0
+            for k in range(d):
+                v = np.float64(x[i, k])
+                s += v * v
+            out[i] = s
+        return out
 
 
 class LayerConstants:
@@ -114,7 +141,24 @@ def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
     consts: LayerConstants per layer, the last one with row_norms/abs_bias;
     x_sq_norm (n,): upper bound on ||ĥ_0||^2 (the input as fed, in the model dtype);
     input_err (n,): ||x - ĥ_0|| (0 when x already was in the model dtype).
+    With Numba, one loop over the rows (the same float64 operations in the same order as
+    logit_error_bound_reference, bit-identical: ~0.01 vs 0.07-0.16 ms at 1024 x 10).
     """
+    if _bound_rows is None:
+        return logit_error_bound_reference(consts, x_sq_norm, input_err)
+    table = np.array([[c.sigma, c.sigma_abs, c.gamma, c.bias_norm, c.underflow] for c in consts[:-1]],
+                     dtype=np.float64).reshape(-1, 5)
+    c = consts[-1]
+    sq = np.ascontiguousarray(x_sq_norm, dtype=np.float64)
+    e_in = np.ascontiguousarray(np.broadcast_to(np.asarray(input_err, dtype=np.float64), sq.shape))
+    out = np.empty((sq.shape[0], c.row_norms.shape[0]))
+    _bound_rows(sq, e_in, table, np.ascontiguousarray(c.row_norms, dtype=np.float64),
+                np.ascontiguousarray(c.abs_bias, dtype=np.float64), c.gamma, c.underflow, _INFLATE, out)
+    return out
+
+
+def logit_error_bound_reference(consts, x_sq_norm, input_err) -> np.ndarray:
+    """logit_error_bound in NumPy: the definition (see the module docstring)."""
     h = np.sqrt(x_sq_norm) * _INFLATE
     e = np.asarray(input_err, dtype=np.float64) * _INFLATE
     for c in consts[:-1]:
@@ -125,3 +169,25 @@ def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
     err = e[:, None] * c.row_norms[None, :] + c.gamma * (h[:, None] * c.row_norms[None, :] + c.abs_bias[None, :])
     err += c.underflow
     return err * (_INFLATE ** 2)
+
+
+if _njit is None:
+    _bound_rows = None
+else:
+    @_njit(cache=True)
+    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, inflate, out):
+        """logit_error_bound_reference per row; table (layers - 1, 5): sigma, sigma_abs,
+        gamma, bias_norm, underflow of each hidden layer."""
+        inflate2 = inflate ** 2
+        for r in range(sq.shape[0]):
+            h = np.sqrt(sq[r]) * inflate
+            e = e_in[r] * inflate
+            for i in range(table.shape[0]):
+                sig, sabs, gam, bn, uf = table[i, 0], table[i, 1], table[i, 2], table[i, 3], table[i, 4]
+                local = gam * (sabs * h + bn) + uf
+                e = (sig * e + local) * inflate
+                h = (sig * h + bn + local) * inflate
+            for k in range(row_norms.shape[0]):
+                v = e * row_norms[k] + gamma_last * (h * row_norms[k] + abs_bias[k])
+                v += underflow_last
+                out[r, k] = v * inflate2

@@ -3,7 +3,7 @@ certification built on it decides exactly as (or better than) the tight bound.""
 import numpy as np
 import pytest
 
-from gloro_core import GloroNet, bounds, rounding
+from gloro_core import GloroNet, bounds, decision, rounding
 
 CONV = [{"type": "conv", "filters": 6, "kernel": 3, "stride": 2, "padding": "same"},
         {"type": "conv", "filters": 8, "kernel": 3, "stride": 1, "padding": "valid"},
@@ -65,7 +65,7 @@ def test_fast_and_tight_paths_decide_alike(rng):
     # the tight bound alone never certifies a point the combined decision rejects
     y, err = net._forward_with_error(x)
     k_pair = net._pair_k(net.lipschitz()["k_sub"])
-    _, _, tight_cert, _ = net._decide(y.astype(np.float64), err, k_pair, net.eps)
+    _, _, tight_cert, _, _ = decision.decide(y.astype(np.float64), err, k_pair, net.eps)
     assert np.all(~tight_cert | (pred != -1))
     assert 0 < (pred != -1).sum() < len(x)              # a mix, so the comparison says something
 
@@ -111,7 +111,7 @@ def test_certify_accepts_lists_when_rows_are_open(rng):
     x = rng.random((40, 2, 9, 8)).astype(np.float32)
     y = net.logits(x).astype(np.float64)
     k_pair = net._pair_k(net.lipschitz()["k_sub"])
-    r0 = net._decide(y, np.zeros_like(y), k_pair, 0.0)[3]
+    r0 = decision.decide(y, np.zeros_like(y), k_pair, 0.0)[3]
     _, r_cheap = net.certify(x, eps=0.0, tight_radius=False)
     i = int(np.argmax(r0))
     eps = float(r0[i] + r_cheap[i]) / 2
@@ -119,3 +119,36 @@ def test_certify_accepts_lists_when_rows_are_open(rng):
     pred = net.certify(x, eps=eps)[0]
     assert np.array_equal(net.certify(x.tolist(), eps=eps, tight_radius=False)[0], pred)
     assert np.array_equal(net.certify(x.tolist(), eps=eps)[0], pred)
+
+
+@pytest.mark.skipif(rounding._bound_rows is None, reason="numba not importable")
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_jitted_error_bound_equals_the_numpy_form(rng, layers):
+    """The row loop does the reference's float64 operations in its order: same bits."""
+    for _ in range(10):
+        m = int(rng.integers(1, 12))
+        consts = [rounding.LayerConstants(*(rng.random(5) * rng.choice([1e-30, 1.0, 1e8], size=5)))
+                  for _ in range(layers - 1)]
+        consts.append(rounding.LayerConstants(*rng.random(5), row_norms=rng.random(m), abs_bias=rng.random(m)))
+        n = int(rng.integers(1, 50))
+        sq = rng.random(n) * 1e3
+        sq[rng.random(n) < 0.2] = 0.0
+        for e_in in (np.zeros(n), rng.random(n) * 1e-6):
+            got = rounding.logit_error_bound(consts, sq, e_in)
+            ref = rounding.logit_error_bound_reference(consts, sq, e_in)
+            assert got.shape == ref.shape == (n, m)
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_sq_norms_jitted_and_einsum_paths_agree(rng, monkeypatch):
+    """Both paths bound the squared norms from above, also for rows of subnormal float32
+    values whose squares would underflow in float32."""
+    x = (rng.standard_normal((7, 3001)) * np.exp2(rng.integers(-140, 60, size=(7, 3001)))).astype(np.float32)
+    x[3] *= np.float32(2.0 ** -100)
+    exact = (x.astype(np.float64) ** 2).sum(axis=1)
+    got = rounding.sq_norms(x[:, ::-1])                  # a strided view, too
+    monkeypatch.setattr(rounding, "_sq_rows", None)
+    ref = rounding.sq_norms(x)
+    assert np.all(exact > 0)
+    assert np.all(got >= exact) and np.all(ref >= exact)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
