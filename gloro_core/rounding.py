@@ -89,8 +89,8 @@ except Exception:  # no numba: the NumPy forms below run instead
 if _njit is None:
     _sq_rows = None
 else:
-    # reassoc lets the sum vectorise (the bound holds for any order); no nnan/ninf: the
-    # callers' inputs are finite, and float32 squares cannot overflow float64
+    # reassoc lets the sum vectorise (the bound holds for any order); no nnan/ninf, so a
+    # float64 row whose squares overflow still gives inf (no bound, no certificate)
     @_njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _sq_rows(x):
         n, d = x.shape
@@ -153,7 +153,8 @@ def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
     e_in = np.ascontiguousarray(np.broadcast_to(np.asarray(input_err, dtype=np.float64), sq.shape))
     out = np.empty((sq.shape[0], c.row_norms.shape[0]))
     _bound_rows(sq, e_in, table, np.ascontiguousarray(c.row_norms, dtype=np.float64),
-                np.ascontiguousarray(c.abs_bias, dtype=np.float64), c.gamma, c.underflow, _INFLATE, out)
+                np.ascontiguousarray(c.abs_bias, dtype=np.float64), c.gamma, c.underflow, _INFLATE,
+                _INFLATE ** 2, out)
     return out
 
 
@@ -175,10 +176,9 @@ if _njit is None:
     _bound_rows = None
 else:
     @_njit(cache=True)
-    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, inflate, out):
+    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, inflate, inflate2, out):
         """logit_error_bound_reference per row; table (layers - 1, 5): sigma, sigma_abs,
         gamma, bias_norm, underflow of each hidden layer."""
-        inflate2 = inflate ** 2
         for r in range(sq.shape[0]):
             h = np.sqrt(sq[r]) * inflate
             e = e_in[r] * inflate
