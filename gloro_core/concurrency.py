@@ -1,6 +1,6 @@
 """A small process-wide thread pool for gloro_core's overlapped work: the power steps of
-several layers at once (lipschitz.power_update_layers) and certify's input norms next to
-its forward pass. The work submitted releases the GIL (Numba nogil loops, NumPy)."""
+several layers at once (lipschitz.power_update_layers). The work submitted releases the
+GIL (Numba nogil loops, NumPy)."""
 from __future__ import annotations
 
 import threading
