@@ -492,6 +492,38 @@ def relu_grad(out, gy):
     return gx.reshape(gy.shape)
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _relu_grad_bias(out, gy, gx, gb):
+    """(N, C, P) arrays: gx = gy where out > 0, else 0; gb[c] = sum of gx[:, c] in float64
+    (reassoc: the per-channel sums vectorise; the order is fixed, so results repeat)."""
+    n, c, p = out.shape
+    for j in range(c):
+        gb[j] = 0.0
+    for i in range(n):
+        for j in range(c):
+            s = 0.0
+            for k in range(p):
+                v = gy[i, j, k] if out[i, j, k] > 0 else 0
+                gx[i, j, k] = v
+                s += np.float64(v)
+            gb[j] += s
+
+
+@register("relu_grad_bias", "numba")
+def relu_grad_bias(out, gy):
+    """out = relu(x) (N, C, ...), gy (same shape) -> (relu_grad(out, gy), its sum over every
+    axis but 1 (C,)): a conv or dense layer's pre-activation gradient and bias gradient in
+    one pass (the separate gy.sum(axis=(0, 2, 3)) took 0.4-1.1 ms per conv layer at batch 256).
+    """
+    n, c = gy.shape[0], gy.shape[1]
+    o = np.ascontiguousarray(out).reshape(n, c, -1)
+    g = np.ascontiguousarray(gy).reshape(n, c, -1)
+    gx = buffers.empty(g.shape, gy.dtype)
+    gb = np.empty(c, dtype=np.float64)
+    _relu_grad_bias(o, g, gx, gb)
+    return gx.reshape(gy.shape), gb.astype(gy.dtype)
+
+
 # ---------------------------------------------------------------- fused power steps (jitted)
 # The power method runs ~10 steps per layer and training step on batch-1 iterates, where
 # the ~20-40 us of Python per op call (dispatch, buffers, BLAS pinning) outweighs the small

@@ -556,3 +556,10 @@ def minmax_grad(x, gy):
 def relu_grad(out, gy):
     """out = relu(x), gy (same shape) -> gx = gy where out > 0, else 0."""
     return np.where(out > 0, gy, np.zeros((), dtype=gy.dtype))
+
+
+@register("relu_grad_bias", "numpy")
+def relu_grad_bias(out, gy):
+    """out = relu(x) (N, C, ...), gy -> (relu_grad(out, gy), its sum over every axis but 1)."""
+    gx = relu_grad(out, gy)
+    return gx, gx.sum(axis=(0,) + tuple(range(2, gx.ndim)), dtype=np.float64).astype(gy.dtype)

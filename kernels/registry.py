@@ -30,6 +30,8 @@ DEFAULT_CPU = "numpy"
 DEFAULT_CPU_BY_OP: dict[str, str] = {
     # one fused pass; NumPy's np.where(out > 0, g, 0) measured ~10x slower at 6.4M float32
     "relu_grad": "numba",
+    # relu_grad plus the bias gradient's channel sums in the same pass
+    "relu_grad_bias": "numba",
     # one jitted pass per pair (prange): numba measured 2-5x faster for minmax and 3-10x for
     # minmax_grad than numpy's strided min/max and masked copyto (1 and 2 threads, batch 256
     # and 1024 at the 2C2F/4C3F activation shapes; e.g. grad (256,32,28,28): 36.6 -> 3.9 ms)

@@ -541,6 +541,19 @@ def _relu_grad(out, g):
     return xp.where(out > 0, g, xp.zeros((), dtype=g.dtype))
 
 
+def _relu_grad_bias(out, g):
+    """(_relu_grad(out, g), its sum over every axis but 1): with the CPU kernel
+    "relu_grad_bias" in one pass, else the two steps (GPU arrays)."""
+    if not is_gpu_array(g):
+        try:
+            name = registry.select("relu_grad_bias", g)
+            return registry.get("relu_grad_bias", name)(out, g)
+        except (NotImplementedError, RuntimeError):
+            pass
+    gx = _relu_grad(out, g)
+    return gx, gx.sum(axis=(0,) + tuple(range(2, gx.ndim)))
+
+
 def relu(x) -> Tensor:
     """max(x, 0); the gradient at exactly 0 is 0."""
     x = as_tensor(x)
@@ -664,14 +677,18 @@ def conv2d(x, w, b=None, stride=1, padding="same", relu=False) -> Tensor:
     kh, kw = w.shape[2], w.shape[3]
 
     def backward(g):  # gx = transposed conv of g; gw = correlation of x with g; gb = sum of g
-        if relu:
+        gb = None
+        if relu and b is not None and b.requires_grad:
+            g, gb = _relu_grad_bias(out, g)
+        elif relu:
             g = _relu_grad(out, g)
         g = _contig(g)
         gx = kernels.conv2d_grad_input(g, _contig(w.data), x.shape, stride, padding) if x.requires_grad else None
         gw = kernels.conv2d_grad_weight(_contig(x.data), g, (kh, kw), stride, padding) if w.requires_grad else None
         if b is None:
             return gx, gw
-        gb = kernels.conv2d_grad_bias(g) if b.requires_grad else None
+        if gb is None and b.requires_grad:
+            gb = kernels.conv2d_grad_bias(g)
         return gx, gw, gb
 
     return make_result(out, parents, backward, "conv2d_relu" if relu else "conv2d")

@@ -285,3 +285,34 @@ def test_adam_chunked_equals_plain_form_exactly(monkeypatch, dtype, shape):
         fused._adam_update_cpu(*want, 3e-3, 0.9, 0.999, 1e-7)
     for got, ref in zip((p, g, m, v), want):
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 7, 9), (1, 1, 1, 1), (64, 32, 14, 14), (5, 3, 2, 3, 4)])
+def test_relu_grad_bias_matches_relu_grad_and_a_float64_sum(dtype, shape):
+    """The pre-activation gradient bit for bit as relu_grad (NaN and inf included), and the
+    channel sums within float64 rounding of an exact-ish float64 sum."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal(shape).astype(dtype)
+    x.flat[:: 7] = 0.0
+    out = np.maximum(x, dtype(0))
+    g = rng.standard_normal(shape).astype(dtype) * dtype(1e3)
+    want = np.where(out > 0, g, dtype(0))
+    axes = (0,) + tuple(range(2, len(shape)))
+    want_b = want.astype(np.float64).sum(axis=axes)
+    scale = np.abs(want).astype(np.float64).sum(axis=axes)
+    for backend in registry.backends():
+        if ("relu_grad_bias", backend) in registry._IMPLS:
+            gx, gb = registry.get("relu_grad_bias", backend)(out, g)
+            assert gx.dtype == gb.dtype == g.dtype and gx.shape == g.shape and gb.shape == (shape[1],)
+            np.testing.assert_array_equal(gx, want)
+            # float64 accumulation, one rounding to dtype at the end
+            tol = np.finfo(dtype).eps * np.abs(want_b) + 1e-12 * scale
+            assert np.all(np.abs(gb.astype(np.float64) - want_b) <= tol), backend
+    nan_out = out.copy()
+    nan_out.flat[3 :: 11] = np.nan
+    g.flat[2 :: 17] = np.inf
+    for backend in registry.backends():
+        if ("relu_grad_bias", backend) in registry._IMPLS:
+            gx, _ = registry.get("relu_grad_bias", backend)(nan_out, g)
+            np.testing.assert_array_equal(gx, np.where(nan_out > 0, g, dtype(0)))
