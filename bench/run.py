@@ -31,6 +31,11 @@ and medians/minima of those interleaved runs are reported; repeats adapt to a ti
 per record. Ratios are of medians. BLAS, Numba and torch get the same thread count
 (``--threads``, default all cores) and OMP_WAIT_POLICY=PASSIVE unless set (spinning
 OpenMP threads starve the other libraries' threads on a small shared machine).
+PyTorch's step times depend on glibc's malloc state: its large tensors come from fresh
+mmap'ed pages (page faults every step) unless the process raised glibc's mmap/trim
+thresholds, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
+(measured alone: 6C2F 567-668 ms default, 398-404 ms tuned; ours recycles its buffers and
+does not move). The header prints the setting; compare runs with the same one.
 PyTorch (bench/torch_ref.py) is imported here only, never by the engine; without it the
 torch column is skipped with a note.
 """
@@ -173,6 +178,7 @@ def machine_info(threads: int) -> dict:
         "threads": threads,
         "numpy": np.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "blas_threads": int(os.environ.get("OPENBLAS_NUM_THREADS", threads)),
     }
     try:
@@ -1097,7 +1103,8 @@ def header(b: Bench) -> str:
     if m.get("loadavg_start") is not None:
         lines.append(f"load average (1 min): {m['loadavg_start']:.2f} at start, "
                      f"{m.get('loadavg_end', float('nan')):.2f} at end; activation: {m['activation']}; "
-                     f"OMP_WAIT_POLICY={m.get('omp_wait_policy')}")
+                     f"OMP_WAIT_POLICY={m.get('omp_wait_policy')}; "
+                     f"GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'}")
     lines.append("x numpy = numpy-backend time / this time (higher is faster); /torch = this time / "
                  "PyTorch time (interleaved runs; below 1 = we are faster)")
     return "\n".join(lines)
