@@ -528,30 +528,35 @@ def abs(x) -> Tensor:  # noqa: A001
     return make_result(xp.abs(x.data), (x,), backward, "abs")
 
 
+def _cpu_kernel(op, like, *args):
+    """The CPU kernel registered as ``op`` (on the backend selected for ``like``) applied to
+    args; None for GPU arrays or where that backend lacks the op."""
+    if is_gpu_array(like):
+        return None
+    try:
+        return registry.get(op, registry.select(op, like))(*args)
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def _relu_grad(out, g):
     """g where out > 0, else 0: the CPU kernel registered as "relu_grad" (one fused pass),
     else np.where (GPU arrays, or a backend without the op)."""
-    xp = array_module(g)
-    if not is_gpu_array(g):
-        try:
-            name = registry.select("relu_grad", g)
-            return registry.get("relu_grad", name)(out, g)
-        except (NotImplementedError, RuntimeError):
-            pass
-    return xp.where(out > 0, g, xp.zeros((), dtype=g.dtype))
+    gx = _cpu_kernel("relu_grad", g, out, g)
+    if gx is None:
+        xp = array_module(g)
+        gx = xp.where(out > 0, g, xp.zeros((), dtype=g.dtype))
+    return gx
 
 
 def _relu_grad_bias(out, g):
     """(_relu_grad(out, g), its sum over every axis but 1): with the CPU kernel
     "relu_grad_bias" in one pass, else the two steps (GPU arrays)."""
-    if not is_gpu_array(g):
-        try:
-            name = registry.select("relu_grad_bias", g)
-            return registry.get("relu_grad_bias", name)(out, g)
-        except (NotImplementedError, RuntimeError):
-            pass
-    gx = _relu_grad(out, g)
-    return gx, gx.sum(axis=(0,) + tuple(range(2, gx.ndim)))
+    both = _cpu_kernel("relu_grad_bias", g, out, g)
+    if both is None:
+        gx = _relu_grad(out, g)
+        both = gx, gx.sum(axis=(0,) + tuple(range(2, gx.ndim)))
+    return both
 
 
 def relu(x) -> Tensor:
