@@ -589,8 +589,8 @@ def _time_pair(b, name, fns: dict, reps: int | None = None, rep_range=None):
     """Warm up every callable (one call each), then interleave them (A B, B A, ...).
 
     ``reps`` None: as many rounds as fit the mode's per-record budget (``--step-budget``),
-    at least ``min_step_reps`` and at most ``step_reps`` (or ``rep_range`` = (lo, hi)). Returns (times, first-call s,
-    compile s) per callable, where compile s = first call minus the median of the timed
+    at least ``min_step_reps`` and at most ``step_reps`` (or ``rep_range`` = (lo, hi)).
+    Returns (times, first-call s, compile s) per callable, where compile s = first call minus the median of the timed
     calls: Numba compilation / cache loading and other one-off work.
     """
     first, last, ok = {}, {}, {}
