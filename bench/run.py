@@ -590,8 +590,9 @@ def _time_pair(b, name, fns: dict, reps: int | None = None, rep_range=None):
 
     ``reps`` None: as many rounds as fit the mode's per-record budget (``--step-budget``),
     at least ``min_step_reps`` and at most ``step_reps`` (or ``rep_range`` = (lo, hi)).
-    Returns (times, first-call s, compile s) per callable, where compile s = first call minus the median of the timed
-    calls: Numba compilation / cache loading and other one-off work.
+    Returns (times, first-call s, compile s) per callable, where compile s = first call
+    minus the median of the timed calls: Numba compilation / cache loading and other
+    one-off work.
     """
     first, last, ok = {}, {}, {}
     for k, fn in fns.items():
