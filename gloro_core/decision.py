@@ -14,6 +14,19 @@ import numpy as np
 _C4 = 4 * np.finfo(np.float64).eps
 
 
+def _checked(y64, err, k_pair):
+    """The three arrays as float64, after checking their shapes: the jitted loop does no
+    bounds checks, so a wrong shape would read other memory instead of failing."""
+    y64, err, k_pair = (np.asarray(a, dtype=np.float64) for a in (y64, err, k_pair))
+    if y64.ndim != 2 or y64.shape[1] < 1:
+        raise ValueError(f"logits must have shape (n, m) with m >= 1, got {y64.shape}")
+    m = y64.shape[1]
+    if err.shape != y64.shape or k_pair.shape != (m, m):
+        raise ValueError(f"err must have the logits' shape {y64.shape} and k_pair ({m}, {m}); "
+                         f"got {err.shape} and {k_pair.shape}")
+    return y64, err, k_pair
+
+
 def decide_reference(y64, err, k_pair, eps: float):
     """y64 (n, m) float64 logits, err (n, m) float64 bounds on their rounding error,
     k_pair (m, m) float64 pairwise Lipschitz bounds K_ji, eps the radius.
@@ -22,6 +35,7 @@ def decide_reference(y64, err, k_pair, eps: float):
     certified_without_slack (n,) bool: the decision for err = 0, which says where a tighter
     rounding bound could still change it).
     """
+    y64, err, k_pair = _checked(y64, err, k_pair)
     n, m = y64.shape
     j = y64.argmax(axis=1)                     # first maximum: by index
     rows = np.arange(n)
@@ -106,7 +120,7 @@ def decide(y64, err, k_pair, eps: float):
     """decide_reference's results, from one Numba loop where it can run (NumPy arrays)."""
     if njit is None or not all(isinstance(a, np.ndarray) for a in (y64, err, k_pair)):
         return decide_reference(y64, err, k_pair, eps)
-    y64, err, k_pair = (np.ascontiguousarray(a, dtype=np.float64) for a in (y64, err, k_pair))
+    y64, err, k_pair = (np.ascontiguousarray(a) for a in _checked(y64, err, k_pair))
     n = y64.shape[0]
     j = np.empty(n, dtype=np.int64)
     ybot, radius = np.empty(n), np.empty(n)

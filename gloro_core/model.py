@@ -508,7 +508,7 @@ class GloroNet:
             e_in = np.zeros(n)
         else:  # the cast to the model dtype is the first rounding
             d = _host(xorig).reshape(n, -1).astype(np.float64) - _host(xd).reshape(n, -1).astype(np.float64)
-            e_in = np.sqrt((d * d).sum(axis=1)) * (1.0 + 1e-9)
+            e_in = np.sqrt(rounding.sq_norms(d)) * (1.0 + 1e-9)  # (squares of tiny d underflow)
         return y, rounding.logit_error_bound(self._rounding_constants(fr), sq, e_in)
 
     def _rounding_constants(self, fr):
@@ -550,6 +550,7 @@ class GloroNet:
         k_pair = fr["pair_k"].get((self.variant, k_sub))
         if k_pair is None:
             k_pair = fr["pair_k"][(self.variant, k_sub)] = self._pair_k(k_sub)
+            k_pair.setflags(write=False)
         y, err = self._forward_norm_error(x, fr)
         y64 = y.astype(np.float64)
         j, ybot, cert, radius, bare_cert = decision.decide(y64, err, k_pair, eps)

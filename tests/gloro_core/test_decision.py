@@ -50,3 +50,25 @@ def test_ties_are_never_certified():
     got = decision.decide(y, np.zeros_like(y), np.ones((3, 3)), 0.0)
     assert not got[2].any() and not got[4].any()
     assert np.all(got[3] == 0.0)
+
+
+def test_wrong_shapes_raise_instead_of_reading_past_the_arrays():
+    y = np.zeros((2, 3))
+    for err, k in ((np.zeros((2, 1)), np.ones((3, 3))), (np.zeros((2, 3)), np.ones((2, 2))),
+                   (np.zeros((2, 3)), np.ones(3))):
+        for fn in (decision.decide, decision.decide_reference):
+            with pytest.raises(ValueError, match="k_pair|err"):
+                fn(y, err, k, 0.1)
+    with pytest.raises(ValueError, match="m >= 1"):
+        decision.decide(np.zeros((2, 0)), np.zeros((2, 0)), np.ones((0, 0)), 0.1)
+
+
+def test_float32_and_read_only_inputs_decide_as_float64():
+    rng = np.random.default_rng()
+    y, err, k, eps = _inputs(rng, 50, 6, "random")
+    k.setflags(write=False)                   # the model caches K read-only
+    want = decision.decide_reference(y.astype(np.float32).astype(np.float64), err.astype(np.float32), k, eps)
+    for fn in (decision.decide, decision.decide_reference):
+        got = fn(y.astype(np.float32), err.astype(np.float32), k, eps)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)

@@ -152,3 +152,43 @@ def test_sq_norms_jitted_and_einsum_paths_agree(rng, monkeypatch):
     assert np.all(exact > 0)
     assert np.all(got >= exact) and np.all(ref >= exact)
     np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_sq_norms_bound_float64_rows_whose_squares_underflow(rng, monkeypatch):
+    """float64 values below ~1e-154 square to subnormals or 0: the bound must still hold."""
+    from fractions import Fraction
+
+    x = rng.standard_normal((6, 50)) * 10.0 ** rng.integers(-200, -150, size=(6, 50))
+    x[0] = 1e-170
+    x[1, 1:] = 0.0
+    exact = [sum(Fraction(float(v)) ** 2 for v in row) for row in x]
+    for jit in (True, False):
+        if not jit:
+            monkeypatch.setattr(rounding, "_sq_rows", None)
+        got = rounding.sq_norms(x)
+        assert all(Fraction(float(g)) >= e for g, e in zip(got, exact)), jit
+
+
+def test_no_false_certificate_from_tiny_float64_inputs():
+    """A float64 net whose logits differ at the 1e-187 scale, where the rounding error of
+    the first layer is all that separates them: never certify the wrong class (the input
+    norm once underflowed to 0, and the rounding bound with it)."""
+    import itertools
+    from fractions import Fraction
+
+    x0 = 1.0e-170
+    ulp = float(np.spacing(x0))
+    for a, b, c in itertools.permutations(range(3)):
+        x = np.zeros(4)
+        x[a], x[b], x[c], x[3] = x0, 0.4 * ulp, 0.2 * ulp, x0
+        w0, w1 = np.zeros(4), np.zeros(4)
+        w0[a], w0[b], w0[3] = 1.0, 1.0, -1.0       # exactly 0.4 ulp, computed as 0 or 1 ulp
+        w1[c] = 1.0                                # exactly 0.2 ulp
+        for w in (np.stack([w0, w1]), np.stack([w1, w0])):
+            net = GloroNet((4,), 2, [{"type": "dense", "units": 2}], dtype=np.float64, eps=0.0)
+            net.params[0][0].data[...] = w
+            net.params[0][1].data[...] = 0.0
+            exact = [sum(Fraction(float(p)) * Fraction(float(v)) for p, v in zip(row, x)) for row in w]
+            true = int(np.argmax([float(e) for e in exact]))
+            pred, _ = net.certify(x[None], eps=0.0)
+            assert pred[0] in (-1, true), (a, b, c)
