@@ -550,13 +550,11 @@ def _relu_grad(out, g):
 
 
 def _relu_grad_bias(out, g):
-    """(_relu_grad(out, g), its sum over every axis but 1): with the CPU kernel
-    "relu_grad_bias" in one pass, else the two steps (GPU arrays)."""
+    """(_relu_grad(out, g), its sum over every axis but 1) in one pass with the CPU kernel
+    "relu_grad_bias"; else (_relu_grad(out, g), None), the sum left to the caller's bias
+    gradient (GPU arrays)."""
     both = _cpu_kernel("relu_grad_bias", g, out, g)
-    if both is None:
-        gx = _relu_grad(out, g)
-        both = gx, gx.sum(axis=(0,) + tuple(range(2, gx.ndim)))
-    return both
+    return both if both is not None else (_relu_grad(out, g), None)
 
 
 def relu(x) -> Tensor:
