@@ -158,6 +158,18 @@ def _load_run(args):
         raise SystemExit("error: --dataset is needed (the checkpoint does not name one)")
     data_dir = args.data_dir if args.data_dir is not None else (
         cfg.get("data_dir") if name == cfg.get("dataset") else None)
+    saved = [k for k, taken in (("dataset", not args.dataset),
+                                ("data_dir", args.data_dir is None and data_dir is not None))
+             if taken]
+    if saved:  # the checkpoint chose what is read: say what and where, on one line
+        try:
+            key = data_mod.canonical_name(name)
+            what = ("generating synthetic data" if key == "synthetic" else
+                    f"reading {key} from {data_mod.resolve_dir(key, data_dir)}")
+        except ValueError:  # unknown name or no directory: load_dataset reports it
+            what = f"reading {name} from {data_dir or 'its default location'}"
+        print(f"note: {what} ({' and '.join(saved)} saved in the checkpoint {path})",
+              file=sys.stderr)
     shape = args.synthetic_shape or tuple(cfg.get("synthetic_shape", (1, 28, 28)))
     ds = data_mod.load_dataset(name, data_dir, seed=cfg.get("seed", args.seed),
                                synthetic_shape=shape,

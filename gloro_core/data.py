@@ -10,22 +10,34 @@ Supported layouts (from a directory the user names):
 - MNIST-format IDX (MNIST, Fashion-MNIST, KMNIST): ``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``,
   each optionally gzipped (``.gz``). ``test-`` is accepted in place of ``t10k-``.
-- CIFAR-10 python batches: ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``
-  (optionally inside a ``cifar-10-batches-py`` subdirectory).
+- CIFAR-10, binary version (preferred when present): ``data_batch_1.bin`` ..
+  ``data_batch_5.bin`` and ``test_batch.bin``, records of 1 label byte + 3072 pixel bytes
+  (optionally inside a ``cifar-10-batches-bin`` subdirectory).
+- CIFAR-10, python version: ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``
+  (optionally inside a ``cifar-10-batches-py`` subdirectory). These are pickles, read by
+  a restricted unpickler that rebuilds only dicts, bytes/str, lists of ints and uint8
+  arrays and calls no function of the file's choosing: a data file never executes code.
 - Tiny-ImageNet as NumPy arrays: ``x_train.npy``, ``y_train.npy``, ``x_test.npy``,
-  ``y_test.npy``; images NHWC or NCHW, uint8 (0..255) or float (already in [0, 1]).
+  ``y_test.npy``; images NHWC or NCHW with 1 or 3 channels, uint8 (0..255) or float
+  (already in [0, 1]); labels an integer array.
 - ``synthetic``: made on the fly from a seed (class templates plus noise).
 
-Broken files (missing, truncated, bad magic number, image/label count mismatch)
-raise :class:`DataError` (a ``ValueError``) naming the file.
+The class count is the dataset's own (:data:`NUM_CLASSES`), never inferred from the
+labels. Broken files (missing, truncated, corrupt gzip, bad magic number, no images,
+image/label count mismatch, a label outside [0, num_classes), non-integer labels, NaN
+pixels, an unknown image layout, a refused pickle global) raise :class:`DataError`
+(a ``ValueError``) with one line naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
+import math
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 
@@ -45,6 +57,10 @@ ALIASES = {
 }
 IDX_MAGIC_IMAGES = 2051  # 0x00000803: unsigned byte, 3 dims
 IDX_MAGIC_LABELS = 2049  # 0x00000801: unsigned byte, 1 dim
+# Each dataset's class count: the model's output width comes from here, not from the
+# largest label (one stray label of 255 would otherwise make a 256-class model).
+NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10,
+               "tiny-imagenet": 200}
 
 
 class DataError(ValueError):
@@ -103,9 +119,25 @@ def _read_bytes(path: str) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (EOFError, OSError, gzip.BadGzipFile) as exc:
+        # zlib.error: a damaged deflate stream (not an OSError); EOFError: cut short.
+        except (EOFError, OSError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
     return raw
+
+
+def _check_labels(y: np.ndarray, num_classes: int, path: str, name: str) -> None:
+    """Refuse the first label outside [0, num_classes); y: (N,) any integer dtype."""
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if bad.size:
+        raise _label_error(path, int(bad[0]), int(y[bad[0]]), num_classes, name)
+
+
+def _num_classes(name: str, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return int(num_classes)
+    if name not in NUM_CLASSES:
+        raise ValueError(f"no known class count for dataset {name!r}: pass num_classes")
+    return NUM_CLASSES[name]
 
 
 def read_idx(path: str, expect_magic: int | None = None) -> np.ndarray:
@@ -125,7 +157,7 @@ def read_idx(path: str, expect_magic: int | None = None) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
     dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # exact: an int64 product of 3 x 32-bit dims can wrap to 0
     if len(raw) - header < count:
         raise DataError(f"{path}: truncated: header promises {count} bytes of data "
                         f"(dims {dims}), file holds {len(raw) - header}")
@@ -145,7 +177,9 @@ def _find(directory: str, stems: list[str]) -> str:
     return os.path.join(directory, stems[0] + ".gz")
 
 
-def _idx_split(directory: str, prefixes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _idx_split(directory: str, prefixes: list[str], num_classes: int,
+               name: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (x (N, 1, H, W) float32 in [0, 1], y (N,) int64 in [0, num_classes))."""
     img_path = _find(directory, [p + "-images-idx3-ubyte" for p in prefixes]
                      + [p + "-images.idx3-ubyte" for p in prefixes])
     lab_path = _find(directory, [p + "-labels-idx1-ubyte" for p in prefixes]
@@ -155,32 +189,180 @@ def _idx_split(directory: str, prefixes: list[str]) -> tuple[np.ndarray, np.ndar
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"count mismatch: {img_path} holds {images.shape[0]} images but "
                         f"{lab_path} holds {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise DataError(f"{img_path}: holds no images (shape {images.shape})")
+    _check_labels(labels, num_classes, lab_path, name)
     x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
     return x, labels.astype(np.int64)
 
 
-def load_idx_dir(directory: str, name: str = "mnist") -> Dataset:
-    """MNIST-format directory -> Dataset with x (N, 1, 28, 28) float32 in [0, 1]."""
+def load_idx_dir(directory: str, name: str = "mnist", num_classes: int | None = None) -> Dataset:
+    """MNIST-format directory -> Dataset with x (N, 1, 28, 28) float32 in [0, 1].
+
+    ``num_classes`` defaults to the dataset's own (10 for the MNIST family).
+    """
+    num_classes = _num_classes(name, num_classes)
     if not os.path.isdir(directory):
         raise DataError(f"{name}: data directory not found: {directory}")
-    x_tr, y_tr = _idx_split(directory, ["train"])
-    x_te, y_te = _idx_split(directory, ["t10k", "test"])
-    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
-    return Dataset(name, x_tr, y_tr, x_te, y_te, max(num_classes, 10))
+    x_tr, y_tr = _idx_split(directory, ["train"], num_classes, name)
+    x_te, y_te = _idx_split(directory, ["t10k", "test"], num_classes, name)
+    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
 
 
 # ---------------------------------------------------------------- CIFAR-10
+
+CIFAR_RECORD = 1 + 3072  # binary version: 1 label byte, then 1024 R, 1024 G, 1024 B bytes
+_CIFAR_SPLITS = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+class _Refused(Exception):
+    """The restricted unpickler met something a CIFAR-10 batch never holds."""
+
+
+class _Allowed:
+    """One global the restricted unpickler hands out, in place of the real object.
+
+    pickle's BUILD could otherwise set attributes (``__defaults__`` ...) on what it is
+    given, so state set on it is refused.
+    """
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __setstate__(self, state):
+        raise _Refused(f"pickle sets state on {self.name}")
+
+
+class _Uint8Dtype:
+    """What ``numpy.dtype('u1', ...)`` unpickles to; no other dtype can be made."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        # (version, byteorder, subarray, names, fields, ...): a plain uint8 has no
+        # subarray and no fields (fields could hold object members).
+        if (not isinstance(state, tuple) or len(state) < 5 or state[1] not in ("|", b"|")
+                or any(v is not None for v in state[2:5])):
+            raise _Refused(f"numpy dtype state {state!r:.80} is not that of plain uint8")
+
+
+class _PickledArray:
+    """A uint8 array being unpickled: made empty by ``_reconstruct``, filled by BUILD once."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array=None):
+        self.array = array
+
+    def __setstate__(self, state):
+        # ndarray state: ([version,] shape, dtype, is_fortran, raw bytes)
+        if self.array is not None:
+            raise _Refused("pickle sets the state of a numpy array twice")
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Refused(f"numpy array state {state!r:.80} has an unknown form")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _uint8_array(raw, dtype, shape, "F" if fortran else "C")
+
+
+def _uint8_array(raw, dtype, shape, order) -> np.ndarray:
+    """uint8 array of ``shape`` from exactly prod(shape) bytes; nothing else is accepted."""
+    if not isinstance(dtype, _Uint8Dtype):
+        raise _Refused(f"numpy array with dtype {dtype!r:.60} (only uint8 is read)")
+    if (not isinstance(shape, tuple) or len(shape) > 8
+            or not all(type(s) is int and s >= 0 for s in shape)):
+        raise _Refused(f"numpy array shape {shape!r:.60} is not a tuple of sizes")
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape):
+        raise _Refused(f"numpy array of shape {shape} without its {math.prod(shape)} "
+                       f"bytes of data")
+    if order not in ("C", "F"):
+        raise _Refused(f"numpy array order {order!r:.20}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape, order=order)
+
+
+def _np_reconstruct(subtype, shape, typecode):
+    if subtype is not _NDARRAY or typecode not in ("b", b"b"):
+        raise _Refused(f"numpy _reconstruct of {subtype!r:.60} (only numpy.ndarray)")
+    return _PickledArray()
+
+
+def _np_dtype(spec, align=False, copy=True):
+    if spec not in ("u1", b"u1"):
+        raise _Refused(f"numpy dtype {spec!r:.40} (only uint8 arrays are read)")
+    return _Uint8Dtype()
+
+
+def _np_frombuffer(buf, dtype, shape, order):
+    # numpy's pickle of a contiguous array under protocol 5 (pickle's highest)
+    return _PickledArray(_uint8_array(buf, dtype, shape, order))
+
+
+def _latin1_encode(text, encoding):
+    # Python 3 writes bytes under protocols 0-2 as _codecs.encode(text, 'latin1'):
+    # allowed for that and nothing else (other codecs decompress, transform, ...).
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode with {type(text).__name__}, {encoding!r:.20}")
+    return text.encode("latin1")
+
+
+def _no_call(*args):
+    raise _Refused("pickle calls numpy.ndarray directly")
+
+
+_NDARRAY = _Allowed("numpy.ndarray", _no_call)
+# The only globals a CIFAR-10 batch names (its uint8 array; bytes under protocol 2 from
+# Python 3). Each maps to a checking stand-in above, never to the real object.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _Allowed("numpy _reconstruct", _np_reconstruct),
+    ("numpy._core.multiarray", "_reconstruct"): _Allowed("numpy _reconstruct", _np_reconstruct),
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Allowed("numpy.dtype", _np_dtype),
+    ("numpy.core.numeric", "_frombuffer"): _Allowed("numpy _frombuffer", _np_frombuffer),
+    ("numpy._core.numeric", "_frombuffer"): _Allowed("numpy _frombuffer", _np_frombuffer),
+    ("_codecs", "encode"): _Allowed("_codecs.encode", _latin1_encode),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds only dicts, bytes/str, lists of ints and uint8 arrays."""
+
+    def find_class(self, module, name):
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _Refused(f"refused global {module}.{name}: a CIFAR-10 batch holds only "
+                           "dicts, bytes, lists of ints and uint8 arrays, and no data file "
+                           "may run code")
+        return allowed
+
+
+def _label_error(path: str, i: int, value, num_classes: int, name: str) -> DataError:
+    return DataError(f"{path}: label {value} at index {i} is outside [0, {num_classes}) "
+                     f"({name} has {num_classes} classes)")
+
+
+def _cifar_xy(data: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
+    """data (N, 3072) uint8, channel-major -> (x (N, 3, 32, 32) float32, y (N,) int64)."""
+    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255.0)
+    return x, np.asarray(labels, dtype=np.int64)
+
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch -> (x (N, 3, 32, 32) float32, y (N,) int64)."""
     if not os.path.isfile(path):
         raise DataError(f"missing file: {path}")
-    # CIFAR-10 ships as pickled dicts; only these user-named files are unpickled.
+    with open(path, "rb") as fh:
+        raw = fh.read()
     try:
-        with open(path, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as exc:
+        raise DataError(f"{path}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError) as exc:
+            ImportError, IndexError, KeyError, OverflowError, MemoryError, RecursionError,
+            struct.error) as exc:
         raise DataError(f"{path}: not a readable CIFAR-10 batch "
                         f"(truncated or corrupt pickle: {exc})") from None
     if not isinstance(d, dict):
@@ -188,33 +370,73 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
-        raise DataError(f"{path}: missing 'data' or 'labels' entry (keys: {list(d)})")
-    data = np.asarray(data)
-    labels = np.asarray(labels)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        raise DataError(f"{path}: 'data' must be uint8 of shape (N, 3072), "
-                        f"got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: missing 'data' or 'labels' entry (keys: {list(d)!r:.200})")
+    if isinstance(data, _PickledArray):
+        data = data.array
+    if isinstance(labels, _PickledArray):
+        labels = labels.array
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+            or data.shape[1] != 3072):
+        got = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray)
+               else type(data).__name__)
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {got}")
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1:  # only uint8 arrays get this far
+            raise DataError(f"{path}: 'labels' must be 1-D, got shape {labels.shape}")
+    elif isinstance(labels, list):
+        for i, v in enumerate(labels):
+            if type(v) is not int:  # a float label would be truncated, a bool is no class
+                raise DataError(f"{path}: labels must be integers, found "
+                                f"{type(v).__name__} {v!r:.40} at index {i}")
+    else:
+        raise DataError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}")
+    if len(labels) != data.shape[0]:
         raise DataError(f"count mismatch in {path}: {data.shape[0]} images but "
-                        f"{labels.shape[0] if labels.ndim == 1 else labels.shape} labels")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
-    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255.0)
-    return x, labels.astype(np.int64)
+                        f"{len(labels)} labels")
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: holds no images")
+    for i, v in enumerate(labels):
+        if not 0 <= v < NUM_CLASSES["cifar10"]:
+            raise _label_error(path, i, int(v), NUM_CLASSES["cifar10"], "cifar10")
+    return _cifar_xy(data, labels)
+
+
+def _read_cifar_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch (N records of 3073 bytes) -> (x (N, 3, 32, 32), y (N,))."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing file: {path}")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if not raw:
+        raise DataError(f"{path}: holds no images (empty file)")
+    if len(raw) % CIFAR_RECORD:
+        raise DataError(f"{path}: size {len(raw)} bytes is not a multiple of {CIFAR_RECORD} "
+                        "(CIFAR-10 records: 1 label byte + 3072 pixel bytes)")
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+    _check_labels(rec[:, 0], NUM_CLASSES["cifar10"], path, "cifar10")
+    return _cifar_xy(rec[:, 1:], rec[:, 0])
+
+
+def _cifar_layout(directory: str) -> tuple[str, bool]:
+    """(directory holding the batches, binary?): binary files first, then python batches."""
+    for sub, binary, suffix in (("cifar-10-batches-bin", True, ".bin"),
+                                ("cifar-10-batches-py", False, "")):
+        for d in (directory, os.path.join(directory, sub)):
+            if any(os.path.isfile(os.path.join(d, n + suffix)) for n in _CIFAR_SPLITS):
+                return d, binary
+    return directory, False  # nothing found: reading reports the first missing file
 
 
 def load_cifar10_dir(directory: str) -> Dataset:
-    """CIFAR-10 python-batch directory -> Dataset with x (N, 3, 32, 32)."""
+    """CIFAR-10 directory (binary or python version) -> Dataset with x (N, 3, 32, 32)."""
     if not os.path.isdir(directory):
         raise DataError(f"cifar10: data directory not found: {directory}")
-    sub = os.path.join(directory, "cifar-10-batches-py")
-    if not os.path.isfile(os.path.join(directory, "test_batch")) and os.path.isdir(sub):
-        directory = sub
-    parts = [_read_cifar_batch(os.path.join(directory, f"data_batch_{i}")) for i in range(1, 6)]
-    x_te, y_te = _read_cifar_batch(os.path.join(directory, "test_batch"))
-    x_tr = np.concatenate([p[0] for p in parts])
-    y_tr = np.concatenate([p[1] for p in parts])
-    return Dataset("cifar10", x_tr, y_tr, x_te, y_te, 10)
+    directory, binary = _cifar_layout(directory)
+    read, suffix = (_read_cifar_bin, ".bin") if binary else (_read_cifar_batch, "")
+    parts = [read(os.path.join(directory, n + suffix)) for n in _CIFAR_SPLITS]
+    x_tr = np.concatenate([p[0] for p in parts[:-1]])
+    y_tr = np.concatenate([p[1] for p in parts[:-1]])
+    return Dataset("cifar10", x_tr, y_tr, *parts[-1], NUM_CLASSES["cifar10"])
 
 
 # ---------------------------------------------------------------- Tiny-ImageNet (.npy)
@@ -223,28 +445,70 @@ def _load_npy(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"missing file: {path}")
     try:
-        return np.load(path, allow_pickle=False, mmap_mode=None)
+        arr = np.load(path, allow_pickle=False, mmap_mode=None)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npy array (truncated or corrupt: {exc})") \
             from None
+    if not isinstance(arr, np.ndarray):  # np.load also opens .npz archives
+        arr.close()
+        raise DataError(f"{path}: an .npz archive, not a .npy array")
+    return arr
+
+
+def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
 
 
 def _images_to_nchw(x: np.ndarray, path: str) -> np.ndarray:
+    """Images as stored, (N, H, W, C) or (N, C, H, W) with C in {1, 3} -> (N, C, H, W) float32.
+
+    The channel axis is the one of size 1 or 3; when both axis 1 and axis 3 could be it,
+    the layout is ambiguous and refused rather than guessed.
+    """
     if x.ndim != 4:
         raise DataError(f"{path}: images must be 4-D (NHWC or NCHW), got shape {x.shape}")
-    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: holds no images (shape {x.shape})")
+    nchw, nhwc = x.shape[1] in (1, 3), x.shape[3] in (1, 3)
+    if nchw and nhwc:
+        raise DataError(f"{path}: ambiguous image layout {x.shape}: axis 1 and axis 3 could "
+                        "both be the channel axis (1 or 3 channels)")
+    if not (nchw or nhwc):
+        raise DataError(f"{path}: images must have 1 or 3 channels, NCHW or NHWC; "
+                        f"got shape {x.shape}")
+    if min(x.shape[1:]) == 0:
+        raise DataError(f"{path}: empty images (shape {x.shape})")
+    if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{path}: images must be uint8 (0..255) or float (0..1), "
+                        f"got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating):
+        # checked in the file's own layout so that the index names the stored element
+        finite = np.isfinite(x)
+        if not finite.all():
+            at = _first_index(~finite)
+            what = "NaN" if np.isnan(x[at]) else ("inf" if x[at] > 0 else "-inf")
+            raise DataError(f"{path}: contains {what} at index {at}")
+        x = x.astype(np.float32, copy=False)  # range judged at the precision kept
+        outside = (x < 0) | (x > 1)
+        if outside.any():
+            at = _first_index(outside)
+            raise DataError(f"{path}: float images must lie in [0, 1]; found {x[at]} at "
+                            f"index {at} (min {x.min()}, max {x.max()})")
+    if nhwc:
         x = x.transpose(0, 3, 1, 2)
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-        raise DataError(f"{path}: float images must lie in [0, 1] "
-                        f"(found min {np.nanmin(x)}, max {np.nanmax(x)})")
-    return x
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def load_npy_dir(directory: str, name: str = "tiny-imagenet") -> Dataset:
-    """Directory with x_train.npy, y_train.npy, x_test.npy, y_test.npy -> Dataset."""
+def load_npy_dir(directory: str, name: str = "tiny-imagenet",
+                 num_classes: int | None = None) -> Dataset:
+    """Directory with x_train.npy, y_train.npy, x_test.npy, y_test.npy -> Dataset.
+
+    x: (N, C, H, W) float32 in [0, 1]; y: (N,) int64 in [0, num_classes), where
+    ``num_classes`` defaults to the dataset's own (200 for tiny-imagenet).
+    """
+    num_classes = _num_classes(name, num_classes)
     if not os.path.isdir(directory):
         raise DataError(f"{name}: data directory not found: {directory}")
     arrays = {}
@@ -258,12 +522,8 @@ def load_npy_dir(directory: str, name: str = "tiny-imagenet") -> Dataset:
         if y.shape[0] != x.shape[0]:
             raise DataError(f"count mismatch: {xp} holds {x.shape[0]} images but "
                             f"{yp} holds {y.shape[0]} labels")
-        if y.size and y.min() < 0:
-            raise DataError(f"{yp}: negative label {y.min()}")
+        _check_labels(y, num_classes, yp, name)  # before the cast: uint64 could wrap
         arrays[split] = (x, y.astype(np.int64))
-    num_classes = int(max(arrays["train"][1].max(initial=0), arrays["test"][1].max(initial=0))) + 1
-    if name == "tiny-imagenet":
-        num_classes = max(num_classes, 200)
     return Dataset(name, *arrays["train"], *arrays["test"], num_classes)
 
 

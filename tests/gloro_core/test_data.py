@@ -109,7 +109,8 @@ def test_idx_count_mismatch(tmp_path):
 def _cifar_batch(path, n, rng, labels=None, key_bytes=True):
     d = {b"data" if key_bytes else "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
          b"labels" if key_bytes else "labels":
-             list(rng.integers(0, 10, n)) if labels is None else labels}
+             # Python ints, as in CIFAR's files: the restricted unpickler refuses numpy scalars
+             [int(v) for v in rng.integers(0, 10, n)] if labels is None else labels}
     with open(path, "wb") as fh:
         pickle.dump(d, fh)
     return d

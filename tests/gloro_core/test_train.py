@@ -173,7 +173,7 @@ def test_cifar_dir_with_augmentation(tmp_path):
     for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 8)]:
         with open(src / name, "wb") as fh:
             pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"labels": list(rng.integers(0, 10, n))}, fh)
+                         b"labels": [int(v) for v in rng.integers(0, 10, n)]}, fh)
     cfg = TrainConfig(dataset="cifar10", data_dir=str(src), arch="d(8)", epochs=1,  # dense only: cheap exact bounds
                       batch=16, power_iters=1, eps=0.1, out=str(tmp_path / "run"),
                       progress=False, lipschitz_max_iter=200)
