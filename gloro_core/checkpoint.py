@@ -79,11 +79,23 @@ def save_npz(path, meta: dict, arrays: dict, extra=None) -> None:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint meta is not JSON-serialisable: {exc}") from None
     all_arrays["meta"] = np.array(text)
+    _atomic_write(path, lambda fh: np.savez(fh, **all_arrays))
+
+
+def copy_npz(src, dst) -> None:
+    """Atomically replace ``dst`` with a byte copy of ``src`` (a checkpoint)."""
+    with open(src, "rb") as fh:
+        data = fh.read()
+    _atomic_write(os.fspath(dst), lambda out: out.write(data))
+
+
+def _atomic_write(path: str, write) -> None:
+    # The ".tmp-*.npz" names are what a run directory removes as orphans (rundir.ORPHANS).
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **all_arrays)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

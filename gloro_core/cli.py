@@ -82,9 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="power iterations per step (paper: 10 MNIST, 5 CIFAR-10)")
     t.add_argument("--augment", type=_bool, default=None,
                    help="on/off (default: on for cifar10 and tiny-imagenet only)")
-    t.add_argument("--out", default="runs/gloro", help="output directory")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.npz exactly where it stopped")
+    t.add_argument("--out", default="runs/gloro",
+                   help="run directory: new or empty unless --resume or --overwrite")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/last.npz exactly where it stopped")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in OUT: its checkpoints, metrics and curves are "
+                            "removed once the new run has its data and model")
     t.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: parameters, Adam state and batches on the GPU (CuPy); "
                         "use with --backend cupy or numba_cuda")
@@ -218,7 +223,8 @@ def cmd_train(args) -> int:
         device=args.device)
     print(f"train: {json.dumps(cfg.to_json())}", flush=True)
     try:
-        train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
+        train(cfg, resume=args.resume, overwrite=args.overwrite,
+              log=lambda s: print(s, flush=True))
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -13,6 +13,8 @@ Spec strings:
 - lr: ``fixed`` or ``decay_to_lb`` (constant, then from epoch ``epochs/2`` exponential
   decay reaching ``lb`` at the last epoch).
 Warm-up epochs of standard training come before all of these; the trainer offsets ``t``.
+A schedule's parameters are checked when it is made, which covers every value it can take
+(ramps lie between their ends), so a bad one fails before training, not epochs into it.
 """
 from __future__ import annotations
 
@@ -36,16 +38,22 @@ class Schedule:
         return f"Schedule({self.spec!r})"
 
 
-def _parse_linear(spec: str, what: str) -> tuple[float, float, float]:
+def _parse_linear(spec: str, flag: str) -> tuple[float, float, float]:
+    """'x,y,e' -> numbers, each finite, x and y >= 0 (eps and lambda are never negative;
+    a linear schedule's values lie between x and y, so this checks the whole ramp)."""
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) != 3:
-        raise ValueError(f"{what} schedule {spec!r}: expected 'x,y,e'")
+        raise ValueError(f"{flag} {spec!r}: expected 'x,y,e'")
     try:
         x, y, e = (float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"{what} schedule {spec!r}: 'x,y,e' must be numbers") from None
-    if not e > 0:
-        raise ValueError(f"{what} schedule {spec!r}: e must be > 0 epochs, got {e}")
+        raise ValueError(f"{flag} {spec!r}: 'x,y,e' must be numbers") from None
+    if not (math.isfinite(e) and e > 0):
+        raise ValueError(f"{flag} {spec!r}: e must be a finite number of epochs > 0, got {e}")
+    for name, v in (("x", x), ("y", y)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag} {spec!r}: values must be finite and >= 0 over the "
+                             f"whole run, got {name}={v:g}")
     return x, y, e
 
 
@@ -74,7 +82,7 @@ def eps_schedule(spec: str, eps_train: float, epochs: int) -> Schedule:
                 return eps_train
             return eps_train * math.log1p(9.0 * t / half) / math.log(10.0)
         return Schedule(fn, "log")
-    x, y, e = _parse_linear(spec, "eps")
+    x, y, e = _parse_linear(spec, "--eps-schedule")
     return linear(x, y, e, after=eps_train)
 
 
@@ -83,29 +91,30 @@ def lam_schedule(spec: str | float | None) -> Schedule:
     if spec is None:
         spec = "1.0"
     if isinstance(spec, (int, float)):
-        v = float(spec)
-        return Schedule(lambda t: v, f"{v:g}")
+        spec = repr(float(spec))
     spec = spec.strip()
     if "," not in spec:
         try:
             v = float(spec)
         except ValueError:
-            raise ValueError(f"lambda schedule {spec!r}: expected a number or 'x,y,e'") from None
+            raise ValueError(f"--lam {spec!r}: expected a number or 'x,y,e'") from None
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--lam {spec!r}: lambda must be finite and >= 0")
         return Schedule(lambda t: v, f"{v:g}")
-    return linear(*_parse_linear(spec, "lambda"))
+    return linear(*_parse_linear(spec, "--lam"))
 
 
 def lr_schedule(spec: str, lr: float, epochs: int, lb: float = 1e-6) -> Schedule:
     """Learning rate: 'fixed' or 'decay_to_lb' (constant lr until epochs/2, then
     exponential decay reaching ``lb`` at t = epochs)."""
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be finite and > 0, got {lr}")
     spec = (spec or "fixed").strip()
     if spec in ("fixed", "constant", "none"):
         return Schedule(lambda t: lr, "fixed")
     if spec == "decay_to_lb":
         if not 0 < lb <= lr:
-            raise ValueError(f"lr lower bound must be in (0, lr={lr}], got {lb}")
+            raise ValueError(f"--lr-lb must be in (0, --lr={lr}], got {lb}")
         start = epochs / 2.0
         span = max(epochs - start, 1e-12)
         rate = math.log(lb / lr) / span  # lr * exp(rate * span) = lb

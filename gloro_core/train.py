@@ -13,6 +13,9 @@ Output directory layout::
     metrics.jsonl one JSON object per epoch
     metrics.csv   the same, as CSV
     curves.png    training curves (``plot=True``)
+    .lock         flock'd while a run writes here; names the holder (``rundir``)
+
+A directory that already holds a run is used only with ``resume`` or ``overwrite``.
 """
 from __future__ import annotations
 
@@ -24,12 +27,16 @@ import os
 import resource
 import sys
 import time
+import uuid
+import zipfile
 
 import numpy as np
 
 from . import data as data_mod
 from . import metrics
 from .augment import augment_batch
+from .checkpoint import copy_npz
+from .rundir import RunDir
 from .schedules import Plan
 
 CKPT_LAST = "last.npz"
@@ -87,12 +94,20 @@ class TrainConfig:
         for name in ("epochs", "batch", "power_iters", "eval_batch"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.eps < 0 or self.train_eps < 0:
-            raise ValueError(f"eps must be >= 0, got eps={self.eps}, train_eps={self.train_eps}")
+        if not (math.isfinite(self.eps) and math.isfinite(self.train_eps)
+                and self.eps >= 0 and self.train_eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got eps={self.eps}, "
+                             f"train_eps={self.train_eps}")
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         self.synthetic_shape = tuple(self.synthetic_shape)
         self.synthetic_n = tuple(self.synthetic_n)
+        self.plan()  # every schedule checked over the whole run now, not when it goes bad
+
+    def plan(self) -> Plan:
+        return Plan(epochs=self.epochs, warmup=self.warmup, eps_train=self.train_eps,
+                    eps_spec=self.eps_schedule, lam_spec=self.lam, lr=self.lr,
+                    lr_spec=self.lr_schedule, lr_lb=self.lr_lb)
 
     def augment_on(self) -> bool:
         if self.augment is None:
@@ -149,6 +164,53 @@ def load_checkpoint(path: str):
 
     net = load(path)
     return net, (getattr(net, "extra", None) or {})
+
+
+def _saved_state(path: str):
+    """train_state of a checkpoint, read from its meta alone; None if missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    state = (meta.get("extra") or {}).get("train_state") if isinstance(meta, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def _repair_best(last_path: str, best_path: str, state: dict, log) -> int | None:
+    """Make best.npz hold the best epoch that last.npz's ``state`` names; -> that epoch.
+
+    last.npz is written before best.npz, so the only gap a stop can leave is "this epoch
+    is the best but best.npz still holds an older one (or none)": then last.npz is the
+    best checkpoint and is copied. Any other mismatch means best.npz was changed outside
+    training; the best weights are gone, which is said, and best.npz is left as it is.
+    """
+    epoch, best_epoch = int(state["epoch"]), state.get("best_epoch")
+    if best_epoch is None:  # checkpoints from before best_epoch was recorded
+        vras = [m.get("vra", -1.0) for m in state.get("history", [])]
+        if len(vras) != epoch + 1:
+            return None
+        best_epoch = vras.index(max(vras))  # the first epoch with the top VRA wrote best.npz
+    held = _saved_state(best_path)
+    if (held is not None and held.get("epoch") == best_epoch
+            and held.get("run_id") == state.get("run_id")):
+        return best_epoch
+    if held is None:
+        what = "is missing" if not os.path.exists(best_path) else "is unreadable"
+    elif held.get("run_id") != state.get("run_id"):
+        what = "is from another run"
+    else:
+        e = held.get("epoch")
+        what = f"holds epoch {e + 1}" if isinstance(e, int) else "names no epoch"
+    if best_epoch == epoch:
+        copy_npz(last_path, best_path)
+        log(f"{best_path} {what}; restored it from {last_path}, which holds the best epoch "
+            f"({epoch + 1})")
+    else:
+        log(f"warning: {best_path} {what}, but the best epoch is {best_epoch + 1} and only "
+            f"epoch {epoch + 1} is kept ({last_path}); best.npz is left as it is until VRA "
+            "improves")
+    return best_epoch
 
 
 # ---------------------------------------------------------------- metrics files
@@ -221,27 +283,50 @@ def load_data(cfg: TrainConfig) -> data_mod.Dataset:
     return ds
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> list[dict]:
-    """Run (or resume) training as configured; returns the per-epoch metrics history."""
+def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None,
+          overwrite: bool = False) -> list[dict]:
+    """Run (or resume) training as configured; returns the per-epoch metrics history.
+
+    ``cfg.out`` must be empty or new unless ``resume`` (continue the run there) or
+    ``overwrite`` (replace it: its outputs are removed once data and model are ready, just
+    before the first write). The directory is locked for the whole run (see ``rundir``).
+    Everything that can be checked without training (schedules, plotting, write access) is
+    checked before the data are loaded.
+    """
     from nn.tensor import Tensor  # noqa: F401 - fail early if nn is missing
 
+    plan = cfg.plan()
+    if cfg.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError('--plot needs matplotlib: pip install -e ".[plot]"') from None
+    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+        if run.removed_orphans:
+            log(f"removed temporary files of interrupted writes from {cfg.out}: "
+                + ", ".join(run.removed_orphans))
+        return _train_locked(cfg, plan, run, resume, log, dataset)
+
+
+def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
     from .architectures import build
 
-    os.makedirs(cfg.out, exist_ok=True)
     ds = dataset if dataset is not None else load_data(cfg)
     last_path = os.path.join(cfg.out, CKPT_LAST)
     best_path = os.path.join(cfg.out, CKPT_BEST)
 
-    plan = Plan(epochs=cfg.epochs, warmup=cfg.warmup, eps_train=cfg.train_eps,
-                eps_spec=cfg.eps_schedule, lam_spec=cfg.lam, lr=cfg.lr,
-                lr_spec=cfg.lr_schedule, lr_lb=cfg.lr_lb)
     history: list[dict] = []
-    start_epoch, best_vra = 0, -1.0
+    start_epoch, best_vra, best_epoch = 0, -1.0, None
+    run_id = uuid.uuid4().hex  # ties best.npz to last.npz of the same run
     if resume and os.path.exists(last_path):
         net, extra = load_checkpoint(last_path)
         state = extra.get("train_state")
-        if state is None:
+        if not isinstance(state, dict):
             raise ValueError(f"{last_path}: no training state in checkpoint; cannot resume")
+        for key, kind in (("config", dict), ("epoch", int), ("optimizer", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{last_path}: train_state has no valid {key!r}; cannot resume "
+                                 "from it (start over with --overwrite or another --out)")
         saved = state["config"]
         for key in ("arch", "dataset", "seed", "batch", "loss", "limit", "activation"):
             if saved.get(key) != cfg.to_json().get(key):
@@ -255,6 +340,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
         start_epoch = int(state["epoch"]) + 1
         best_vra = float(state.get("best_vra", -1.0))
         history = list(state.get("history", []))
+        best_epoch = _repair_best(last_path, best_path, state, log)
+        run_id = state.get("run_id")
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         opt.load_state_dict(state["optimizer"])
@@ -267,6 +354,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
                     init=cfg.init, eps=cfg.train_eps, seed=cfg.seed)
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
+        if run.overwrite:  # the new run is ready: only now does the old one go
+            gone = run.clear_outputs()
+            if gone:
+                log(f"--overwrite: removed the earlier run's {', '.join(gone)} from {cfg.out}")
         _write_metrics(cfg.out, [])
 
     n = len(ds.x_train)
@@ -325,7 +416,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
         history.append(m)
         improved = m["vra"] > best_vra
         best_vra = max(best_vra, m["vra"])
-        extra = _train_extra(cfg, opt, epoch, best_vra, history)
+        best_epoch = epoch if improved else best_epoch
+        extra = _train_extra(cfg, opt, epoch, best_vra, history, best_epoch, run_id)
+        # last.npz first: it is the commit point and names the best epoch. A stop between
+        # the two writes leaves best.npz behind only when this epoch is the best, and then
+        # last.npz holds exactly its content: resume repairs it from there (_repair_best).
         save_checkpoint(net, last_path, extra)
         if improved:
             save_checkpoint(net, best_path, extra)
@@ -338,9 +433,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None) -> li
     return history
 
 
-def _train_extra(cfg, opt, epoch, best_vra, history) -> dict:
+def _train_extra(cfg, opt, epoch, best_vra, history, best_epoch, run_id) -> dict:
     # Shuffling/augmentation rngs are derived from (seed, epoch): no generator state to keep.
-    return {"train_state": {"epoch": epoch, "best_vra": best_vra, "config": cfg.to_json(),
+    return {"train_state": {"epoch": epoch, "best_vra": best_vra, "best_epoch": best_epoch,
+                            "run_id": run_id, "config": cfg.to_json(),
                             "history": history, "optimizer": opt.state_dict(),
                             "rng": {"kind": "derived(seed, epoch)", "seed": cfg.seed,
                                     "next_epoch": epoch + 1}}}

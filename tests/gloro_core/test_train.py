@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -186,3 +187,52 @@ def test_cifar_dir_with_augmentation(tmp_path):
     pa, _ = _params(tmp_path / "run" / "last.npz")
     pb, _ = _params(tmp_path / "run2" / "last.npz")
     assert not all(np.array_equal(a, b) for a, b in zip(pa, pb))
+
+
+def test_resume_without_config_in_train_state(tmp_path, capsys):
+    from gloro_core.cli import main
+
+    train(TrainConfig(out=str(tmp_path), epochs=2, stop_after=1, **TINY), log=_quiet)
+    net, extra = load_checkpoint(str(tmp_path / "last.npz"))
+    del extra["train_state"]["config"]
+    net.save(str(tmp_path / "last.npz"), extra=extra)
+    with pytest.raises(ValueError, match=r"last\.npz: train_state has no valid 'config'; "
+                                         "cannot resume"):
+        train(TrainConfig(out=str(tmp_path), epochs=2, **TINY), resume=True, log=_quiet)
+    assert main(["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit",
+                 "64", "--out", str(tmp_path), "--resume", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'last.npz'}: train_state has no "
+                                       "valid 'config'; cannot resume from it (start over with "
+                                       "--overwrite or another --out)\n")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # negative from the start / only after a while / only after the warm-up epoch
+    ("eps_schedule", "-1,0.1,2", "--eps-schedule '-1,0.1,2': values must be finite and >= 0 "
+                                 "over the whole run, got x=-1"),
+    ("eps_schedule", "0.1,-0.5,2", "got y=-0.5"),
+    ("eps_schedule", "nan,0.1,2", "got x=nan"),
+    ("eps_schedule", "0,0.1,inf", "e must be a finite number of epochs > 0, got inf"),
+    ("lam", "-1", "--lam '-1': lambda must be finite and >= 0"),
+    ("lam", "1,-2,3", "--lam '1,-2,3': values must be finite and >= 0 over the whole run, "
+                      "got y=-2"),
+    ("lr", float("nan"), "--lr must be finite and > 0, got nan"),
+    ("eps", float("nan"), "eps must be finite and >= 0"),
+])
+def test_schedules_checked_before_training(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(out=str(tmp_path / "run"), epochs=3, warmup=1, **{**TINY, field: value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_schedule_on_the_command_line_trains_nothing(tmp_path, capsys):
+    from gloro_core.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit",
+                 "64", "--epochs", "2", "--warmup", "1", "--eps-schedule=-1,0.1,2",
+                 "--out", str(out), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("error: --eps-schedule '-1,0.1,2': values must be finite and >= 0 "
+                            "over the whole run, got x=-1\n")
+    assert "epoch" not in captured.out and not out.exists()
