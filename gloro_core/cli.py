@@ -21,6 +21,39 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
 
 
+def _pos_int(text: str) -> int:
+    # argparse's int takes 0 and negatives: --limit 0 would certify everything (x[:0] is
+    # falsy), --limit -1 drop a point, --steps 0 divide by zero, --batch 0 loop on range(0, n, 0)
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _nonneg_float(text: str) -> float:
+    v = _float_or_nan(text)
+    if not (math.isfinite(v) and v >= 0):  # float() takes "nan", "inf", "-1"
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    v = _float_or_nan(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
 def _shape(text: str) -> tuple:
     try:
         s = tuple(int(v) for v in text.split(","))
@@ -38,7 +71,7 @@ def _data_args(p, default_dataset=None):
     p.add_argument("--data-dir", default=None,
                    help="directory holding the dataset files (fashion-mnist defaults to "
                         "/usr/share/datasets/fashion-mnist)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N points (train: N train and, unless --test-limit, "
+    p.add_argument("--limit", type=_pos_int, default=None, help="use only the first N points (train: N train and, unless --test-limit, "
                         "N test points; evaluation commands: N test points)")
     p.add_argument("--synthetic-shape", type=_shape, default=None,
                    help="C,H,W of the synthetic dataset (default 1,28,28)")
@@ -61,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _data_args(t, "synthetic")
     _common(t)
-    t.add_argument("--test-limit", type=int, default=None,
+    t.add_argument("--test-limit", type=_pos_int, default=None,
                    help="evaluate on the first N test points (default: --limit, else all)")
     t.add_argument("--arch", default="2C2F",
                    help="2C2F, 4C3F, 6C2F, 7C1F, compact 'c(16,4,2),d(100)' or a .json list")
@@ -103,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="checkpoint .npz, or a run directory (uses best.npz)")
     _data_args(c)
     _common(c)
-    c.add_argument("--eps", type=float, default=None, help="radius (default: the run's eps)")
+    c.add_argument("--eps", type=_nonneg_float, default=None, help="radius (default: the run's eps)")
     c.add_argument("--bound", default="provable", choices=["provable", "power"],
                    help="Lipschitz bound used: provable (FFT/SVD, a proof) or power (estimate)")
-    c.add_argument("--batch", type=int, default=500)
+    c.add_argument("--batch", type=_pos_int, default=500)
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--plot", default=None, metavar="PNG", help="write a VRA-vs-eps curve")
 
@@ -115,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("checkpoint")
     _data_args(a)
     _common(a)
-    a.add_argument("--eps", type=float, default=None)
-    a.add_argument("--steps", type=int, default=50)
-    a.add_argument("--restarts", type=int, default=1)
-    a.add_argument("--step-size", type=float, default=None, help="default 2.5 eps / steps")
-    a.add_argument("--batch", type=int, default=500)
+    a.add_argument("--eps", type=_nonneg_float, default=None)
+    a.add_argument("--steps", type=_pos_int, default=50)
+    a.add_argument("--restarts", type=_pos_int, default=1)
+    a.add_argument("--step-size", type=_pos_float, default=None, help="default 2.5 eps / steps")
+    a.add_argument("--batch", type=_pos_int, default=500)
     a.add_argument("--json", action="store_true")
 
     k = sub.add_parser("lipschitz", help="Lipschitz upper and empirical lower bounds",
@@ -127,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("checkpoint")
     _data_args(k)
     _common(k)
-    k.add_argument("--eps", type=float, default=None, help="ball radius for the local bound")
-    k.add_argument("--pairs", type=int, default=64, help="input pairs optimised (global)")
-    k.add_argument("--points", type=int, default=64, help="points for the local bound")
-    k.add_argument("--steps", type=int, default=100, help="gradient-ascent steps")
-    k.add_argument("--step-lr", type=float, default=0.01, help="Adam step size on inputs")
+    k.add_argument("--eps", type=_nonneg_float, default=None, help="ball radius for the local bound")
+    k.add_argument("--pairs", type=_pos_int, default=64, help="input pairs optimised (global)")
+    k.add_argument("--points", type=_pos_int, default=64, help="points for the local bound")
+    k.add_argument("--steps", type=_pos_int, default=100, help="gradient-ascent steps")
+    k.add_argument("--step-lr", type=_pos_float, default=0.01, help="Adam step size on inputs")
     k.add_argument("--json", action="store_true")
     return ap
 
@@ -157,7 +190,10 @@ def _load_run(args):
 
     path = _resolve_ckpt(args.checkpoint)
     net, extra = load_checkpoint(path)
-    cfg = (extra.get("train_state") or {}).get("config", {})
+    state = extra.get("train_state") if isinstance(extra, dict) else None
+    cfg = state.get("config", {}) if isinstance(state, dict) else {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: extra.train_state.config must be a JSON object, got {cfg!r:.80}")
     name = args.dataset or cfg.get("dataset")
     if not name:
         raise SystemExit("error: --dataset is needed (the checkpoint does not name one)")
@@ -180,12 +216,20 @@ def _load_run(args):
                                synthetic_shape=shape,
                                synthetic_n=tuple(cfg.get("synthetic_n", (2048, 512))))
     x, y = ds.x_test, ds.y_test
-    if args.limit:
+    if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]
-    eps = args.eps if args.eps is not None else cfg.get("eps")
+    if args.eps is not None:
+        return net, cfg, path, x, y, args.eps
+    eps = cfg.get("eps")
     if eps is None:
         raise SystemExit("error: --eps is needed (the checkpoint does not record one)")
-    return net, cfg, path, x, y, float(eps)
+    from .model import _check_eps
+
+    try:
+        eps = _check_eps(eps)
+    except (TypeError, ValueError) as exc:  # float() would take "0.3" or true
+        raise ValueError(f"{path}: train_state.config.eps: {exc} (or pass --eps)") from None
+    return net, cfg, path, x, y, eps
 
 
 def _np(a):
@@ -193,9 +237,23 @@ def _np(a):
     return conv(a)
 
 
+def _json_safe(obj):
+    """obj with NumPy values as Python ones and NaN / inf as None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _print(result: dict, as_json: bool, title: str):
     if as_json:
-        print(json.dumps(result, indent=None, default=float))
+        # allow_nan=False: a non-finite float that slipped past _json_safe fails loudly
+        print(json.dumps(_json_safe(result), indent=None, allow_nan=False))
         return
     print(title)
     for k, v in result.items():
@@ -235,6 +293,8 @@ def certify_arrays(net, x, y, eps, bound="provable", batch=500):
     """-> dict of results and (correct, radius) arrays. x (N, C, H, W), y (N,)."""
     from nn.tensor import no_grad
 
+    if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")  # range(0, n, 0)
     n = len(x)
     preds, radii, clean = [], [], []
     # bounds first (a model constant, computed once), then time the certificate alone

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 
 import numpy as np
 
@@ -49,14 +50,54 @@ def _host(a):
     return a.get() if is_gpu_array(a) else a
 
 
+def _check_real(value, name) -> float:
+    """value as a float: real numbers only (float() would take "0.3" and True), finite, >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
 def _check_eps(eps) -> float:
+    return _check_real(eps, "eps")
+
+
+def _check_int(value, name) -> int:
+    """value as a Python int: ints only (int() would truncate 4.9 and take "4" and True)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_input_shape(input_shape) -> tuple:
+    if not isinstance(input_shape, (list, tuple)):
+        raise TypeError(f"input_shape must be a tuple (C, H, W) (or (features,)), got {input_shape!r}")
     try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a number, got {eps!r}") from None
-    if not math.isfinite(e) or e < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return e
+        shape = tuple(_check_int(v, "") for v in input_shape)
+    except TypeError:
+        raise TypeError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) (or (features,)) of positive ints, got {input_shape!r}")
+    return shape
+
+
+def _check_num_classes(num_classes) -> int:
+    m = _check_int(num_classes, "num_classes")
+    if m < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return m
+
+
+def _spec_int(d, i, key, default=None) -> int:
+    """Layer i's d[key] as a Python int. Strict: int() would turn a padding of 1.7 into 1
+    and a filters of True into 1; integral floats (4.0) are refused too (our checkpoints
+    and architecture parsers write ints)."""
+    v = d.get(key, default)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"layer {i}: {key!r} must be an integer, got {v!r}")
+    return int(v)
 
 
 def _normalise_specs(layers, input_shape, num_classes, activation):
@@ -78,21 +119,26 @@ def _normalise_specs(layers, input_shape, num_classes, activation):
                 raise ValueError(f"layer {i}: a conv layer cannot follow a dense layer")
             if len(shape) != 3:
                 raise ValueError(f"layer {i}: conv needs a (C, H, W) input, got input_shape {tuple(input_shape)}")
-            try:
-                filters, kernel = int(d["filters"]), int(d["kernel"])
-            except KeyError as exc:
-                raise ValueError(f"layer {i}: conv spec needs {exc.args[0]!r}: {d!r}") from None
-            stride = int(d.get("stride", 1))
+            for key in ("filters", "kernel"):
+                if key not in d:
+                    raise ValueError(f"layer {i}: conv spec needs {key!r}: {d!r}")
+            filters, kernel, stride = (_spec_int(d, i, "filters"), _spec_int(d, i, "kernel"),
+                                       _spec_int(d, i, "stride", 1))
             padding = d.get("padding", "same")
             if isinstance(padding, str):
                 padding = padding.lower()
                 if padding not in ("same", "valid"):
-                    raise ValueError(f"layer {i}: padding must be 'same', 'valid' or an int, got {padding!r}")
+                    raise ValueError(f"layer {i}: 'padding' must be 'same', 'valid' or an int, got {padding!r}")
             else:
-                padding = int(padding)
+                padding = _spec_int(d, i, "padding")
+                if padding < 0:
+                    raise ValueError(f"layer {i}: 'padding' must be >= 0, got {padding}")
             if filters < 1 or kernel < 1 or stride < 1:
                 raise ValueError(f"layer {i}: filters, kernel and stride must be >= 1, got {d!r}")
-            op = LinearOp.conv(shape, filters, kernel, stride, padding)
+            try:
+                op = LinearOp.conv(shape, filters, kernel, stride, padding)
+            except ValueError as exc:  # e.g. a kernel larger than the padded input
+                raise ValueError(f"layer {i}: {exc}") from None
             spec = {"type": "conv", "filters": filters, "kernel": kernel, "stride": stride, "padding": padding}
         elif t == "dense":
             unknown = set(d) - {"type", "units"}
@@ -100,11 +146,11 @@ def _normalise_specs(layers, input_shape, num_classes, activation):
                 raise ValueError(f"layer {i}: unknown dense keys {sorted(unknown)}")
             if "units" not in d:
                 raise ValueError(f"layer {i}: dense spec needs 'units': {d!r}")
-            units = int(d["units"])
+            units = _spec_int(d, i, "units")
             if units < 1:
                 raise ValueError(f"layer {i}: units must be >= 1, got {units}")
             seen_dense = True
-            op = LinearOp.dense(int(np.prod(shape)), units)
+            op = LinearOp.dense(math.prod(shape), units)  # exact: np.prod wraps at 2**63
             spec = {"type": "dense", "units": units}
         else:
             raise ValueError(f"layer {i}: unknown layer type {t!r} (expected 'conv' or 'dense')")
@@ -128,28 +174,28 @@ class GloroNet:
     def __init__(self, input_shape, num_classes, layers, activation="relu", init="glorot_uniform",
                  eps=0.3, variant="margin", seed=0, dtype=np.float32, power_iters=DEFAULT_POWER_ITERS,
                  lam=1.0, _init_params=True):
-        try:
-            self.input_shape = tuple(int(v) for v in input_shape)
-        except TypeError:
-            raise TypeError(f"input_shape must be a tuple (C, H, W), got {input_shape!r}") from None
-        if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) (or (features,)) of positive ints, got {input_shape!r}")
-        self.num_classes = int(num_classes)
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if activation not in ACTIVATIONS:
+        self.input_shape = _check_input_shape(input_shape)
+        self.num_classes = _check_num_classes(num_classes)
+        # isinstance first: a list or dict (e.g. from a checkpoint's meta) is unhashable
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if init not in INITS:
+        if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
-        if variant not in losses.VARIANTS:
+        if not isinstance(variant, str) or variant not in losses.VARIANTS:
             raise ValueError(f"variant must be one of {losses.VARIANTS}, got {variant!r}")
-        self.dtype = np.dtype(dtype)
+        try:
+            self.dtype = np.dtype(dtype) if dtype is not None else None  # np.dtype(None) is float64
+        except (TypeError, ValueError):
+            self.dtype = None
         if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.activation, self.init, self.variant, self.seed = activation, INITS[init], variant, int(seed)
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.seed = _check_int(seed, "seed")
+        self.power_iters = _check_int(power_iters, "power_iters")
+        if self.seed < 0 or self.power_iters < 0:
+            raise ValueError(f"seed and power_iters must be >= 0, got {seed} and {power_iters}")
+        self.activation, self.init, self.variant = activation, INITS[init], variant
         self.eps = _check_eps(eps)
-        self.power_iters = int(power_iters)
-        self.lam = float(lam)
+        self.lam = _check_real(lam, "lam")
         self.layers, self.ops = _normalise_specs(layers, self.input_shape, self.num_classes, activation)
         self.extra = {}
         rng = np.random.default_rng(self.seed)
@@ -159,7 +205,9 @@ class GloroNet:
             w = ini(op.w_shape, rng, dtype=self.dtype) if _init_params else np.zeros(op.w_shape, self.dtype)
             b = np.zeros((op.w_shape[0],), dtype=self.dtype)
             self.params.append((Parameter(w, name=f"param.{i}.weight"), Parameter(b, name=f"param.{i}.bias")))
-        self.iterates = [init_iterate(op, rng, self.dtype) for op in self.ops]
+        # load() (the only _init_params=False caller) overwrites both: zeros are not touched
+        self.iterates = [init_iterate(op, rng, self.dtype) if _init_params else np.zeros(op.iterate_shape, self.dtype)
+                         for op in self.ops]
         self.last_certification = None
         self.provable_method = "auto"
         self._frozen = None      # dict of frozen Lipschitz numbers (see update_lipschitz)
@@ -238,8 +286,10 @@ class GloroNet:
         if isinstance(x, Tensor):
             x = x.data
         x = x if is_gpu_array(x) else np.asarray(x)
-        if x.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        if x.dtype.kind != "f":
+            # uint8 images in 0..255 would be taken as is: radii 255x too large
+            raise TypeError(f"{name} must be a float array of images in [0, 1], got dtype {x.dtype}; "
+                            f"convert integer images first, e.g. {name} / 255.0")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         xp = self.xp
@@ -330,7 +380,7 @@ class GloroNet:
         gl = losses.gloro_logits(f, self.params[-1][0], self.k_sub_tensor(), eps, self.variant)
         if loss == "ce":
             return losses.gloro_ce(gl, lab)
-        lam = self.lam if lam is None else float(lam)
+        lam = self.lam if lam is None else _check_real(lam, "lam")
         return losses.trades(f, gl, lab, lam, trades_form)
 
     def standard_loss(self, x, y) -> Tensor:
@@ -498,16 +548,16 @@ class GloroNet:
         Costs one ordinary forward pass plus O(n·d) on the input.
         """
         xd, xorig = self._check_x(x)
-        n = xd.shape[0]
+        n, dim = xd.shape[0], math.prod(self.input_shape)  # reshape(0, -1) fails: empty batches
         # one Numba pass, 0.06 ms at 2C2F b1024: on a pool thread next to the forward pass it
         # competed with the forward's two threads (certify/plain 1.050 vs 1.027 inline)
-        sq = rounding.sq_norms(xd.reshape(n, -1))
+        sq = rounding.sq_norms(xd.reshape(n, dim))
         with no_grad():
             y = _host(self.forward(Tensor(xd)).data)
         if xorig.dtype == xd.dtype:
             e_in = np.zeros(n)
         else:  # the cast to the model dtype is the first rounding
-            d = _host(xorig).reshape(n, -1).astype(np.float64) - _host(xd).reshape(n, -1).astype(np.float64)
+            d = _host(xorig).reshape(n, dim).astype(np.float64) - _host(xd).reshape(n, dim).astype(np.float64)
             e_in = np.sqrt(rounding.sq_norms(d)) * (1.0 + 1e-9)  # (squares of tiny d underflow)
         return y, rounding.logit_error_bound(self._rounding_constants(fr), sq, e_in)
 
@@ -636,21 +686,24 @@ class GloroNet:
         checkpoint.save_npz(path, self.meta(), self.state_arrays(), extra)
 
 
+def _meta_error(path, exc) -> ValueError:
+    if isinstance(exc, KeyError):
+        return ValueError(f"{path}: meta lacks key {exc.args[0]!r}")
+    return ValueError(f"{path}: bad meta: {exc}")
+
+
 def load(path) -> GloroNet:
     """Read a gloro-npz/1 checkpoint into a GloroNet (``net.extra`` holds the saved extra)."""
     meta, arrays, extra = checkpoint.load_npz(path)
+    # the file's arrays are the ground truth of size: the shapes the meta implies are checked
+    # against them before GloroNet allocates (input_shape [1, 1e5, 1e5] in the meta alone
+    # would allocate 1e10-element iterates and weights)
     try:
-        net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
-                       activation=meta["activation"], init=meta.get("init", "glorot_uniform"),
-                       eps=meta["eps"], variant=meta.get("variant", "margin"), seed=meta.get("seed", 0),
-                       dtype=np.dtype(meta.get("dtype", "float32")),
-                       power_iters=meta.get("power_iters", DEFAULT_POWER_ITERS), lam=meta.get("lam", 1.0),
-                       _init_params=False)
-    except KeyError as exc:
-        raise ValueError(f"{path}: meta lacks key {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: bad meta: {exc}") from None
-    for i, op in enumerate(net.ops):
+        _, ops = _normalise_specs(meta["layers"], _check_input_shape(meta["input_shape"]),
+                                  _check_num_classes(meta["num_classes"]), meta["activation"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _meta_error(path, exc) from None
+    for i, op in enumerate(ops):
         expect = {f"param.{i}.weight": op.w_shape, f"param.{i}.bias": (op.w_shape[0],),
                   f"iterate.{i}": op.iterate_shape}
         for key, shp in expect.items():
@@ -663,6 +716,16 @@ def load(path) -> GloroNet:
                 raise ValueError(f"{path}: array {key!r} has dtype {a.dtype}, expected a float array")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{path}: array {key!r} contains NaN or inf")
+    try:
+        net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
+                       activation=meta["activation"], init=meta.get("init", "glorot_uniform"),
+                       eps=meta["eps"], variant=meta.get("variant", "margin"), seed=meta.get("seed", 0),
+                       dtype=meta.get("dtype", "float32"),
+                       power_iters=meta.get("power_iters", DEFAULT_POWER_ITERS), lam=meta.get("lam", 1.0),
+                       _init_params=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _meta_error(path, exc) from None
+    for i in range(net.num_layers):
         w, b = net.params[i]
         w.data = np.ascontiguousarray(arrays[f"param.{i}.weight"], dtype=net.dtype)
         b.data = np.ascontiguousarray(arrays[f"param.{i}.bias"], dtype=net.dtype)
