@@ -22,8 +22,8 @@ def _bool(text: str) -> bool:
 
 
 def _pos_int(text: str) -> int:
-    # argparse's int takes 0 and negatives: --limit 0 would certify everything (x[:0] is
-    # falsy), --limit -1 drop a point, --steps 0 divide by zero, --batch 0 loop on range(0, n, 0)
+    # argparse's int takes 0 and negatives: --limit 0 certified everything (a limit of 0 is
+    # falsy), --limit -1 dropped a point, --steps 0 divided by zero, --batch 0 failed in range(0, n, 0)
     try:
         v = int(text)
     except ValueError:
