@@ -13,6 +13,14 @@ a relative error of order ``n * 2**-53`` of the largest one, the FFT adds
 ``O(log n * 2**-53)``. Both are far below :data:`SAFETY_REL`, by which every
 provable bound is inflated so that it stays an upper bound of the real-arithmetic
 norm of the (exactly representable) float32/float64 weights.
+
+Scale: relative error bounds hold only away from underflow and overflow, and weights
+of float64 nets may lie anywhere in 1e-308..1e308 (a Gram matrix of 1e-165 entries is
+exactly 0). Every norm here is therefore computed on the weights scaled by a power of
+two that brings the largest entry into [0.5, 1) (exact), and scaled back rounding up
+(:func:`ldexp_up`): inf when the bound overflows, never 0 for a nonzero operator.
+Products of bounds (K_sub, K_ij) are kept as (mantissa, exponent) pairs, rounded up
+(:func:`product_up`).
 """
 from __future__ import annotations
 
@@ -27,15 +35,93 @@ from kernels.checks import conv_out_hw, resolve_padding, check_stride
 SAFETY_REL = 1e-9
 
 
+_TINY = float(np.finfo(np.float64).smallest_subnormal)
+
+
+def pow2_normalise(a):
+    """(a * 2**-e, e) with the largest |entry| of the result in [0.5, 1); (a, 0) when a is
+    empty, all zero or not finite. Exact, except that entries more than ~1074 binades
+    below the largest one flush to zero: each loses less than 2**-1074, negligible next
+    to the norm (>= 0.5) and covered by SAFETY_REL."""
+    a = np.asarray(a, dtype=np.float64)
+    big = float(np.max(np.abs(a))) if a.size else 0.0
+    if not (0.0 < big < math.inf):
+        return a, 0
+    e = math.frexp(big)[1]
+    return np.ldexp(a, -e), e
+
+
+def ldexp_up(x: float, e: int) -> float:
+    """x * 2**e rounded up (x >= 0): inf on overflow; a result that falls into or below
+    the subnormal range (where ldexp rounds) is moved up one step if it lost anything."""
+    x = float(x)
+    if not x > 0.0 or math.isinf(x):
+        return x          # 0, inf and NaN scale to themselves
+    try:
+        r = math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+    if r < math.ldexp(1.0, -1022) and (r == 0.0 or math.ldexp(r, -e) < x):
+        r = math.nextafter(r, math.inf)   # scaling a subnormal back up is exact
+    return r
+
+
+def ldexp_up_array(a, e: int) -> np.ndarray:
+    """:func:`ldexp_up` elementwise on a float64 array of values >= 0 (NaN stays NaN)."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        r = np.ldexp(a, e)          # inf on overflow; rounds where it lands below 2**-1022
+        lost = (r < math.ldexp(1.0, -1022)) & (np.ldexp(r, -e) < a)
+    return np.where(lost, np.nextafter(r, np.inf), r)
+
+
+def row_norms_up(a) -> np.ndarray:
+    """(n,) float64 upper bounds on the l2 norms of the rows of a (n, d), at any scale:
+    computed on a scaled by a power of two, with d smallest subnormals for squares that
+    underflow and 1e-9 relative for float64 rounding, and scaled back rounding up."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a.reshape(a.shape[0], -1)
+    s, e = pow2_normalise(a)
+    n = np.sqrt((s * s).sum(axis=1) + a.shape[1] * _TINY) * (1.0 + SAFETY_REL)
+    return ldexp_up_array(n, e)
+
+
+def product_up(values) -> tuple[float, int]:
+    """prod(values) as (mantissa in [0.5, 1) or 0 or inf/NaN, exponent), rounded up.
+
+    values: non-negative floats. Each float64 product of two mantissas is rounded up one
+    step, so mantissa * 2**exponent >= the exact product; no underflow or overflow can
+    occur on the way (np.prod of 1e-200 and 1e-200 is 0)."""
+    m, e = 1.0, 0
+    for v in values:
+        v = float(v)
+        if v < 0.0:
+            raise ValueError(f"a norm bound must be >= 0, got {v}")
+        if v == 0.0 or not math.isfinite(v):
+            m = m * v            # 0 stays 0 (exact), inf and NaN stay, 0 * inf is NaN (no bound)
+            continue
+        fv, ev = math.frexp(v)
+        prod = m * fv
+        if prod != 0.0 and not math.isinf(prod):
+            prod = math.nextafter(prod, math.inf)
+            prod, shift = math.frexp(prod)
+            m, e = prod, e + ev + shift
+        else:
+            m = prod
+    return m, e
+
+
 def dense_norm(w) -> float:
-    """Exact spectral norm of a dense weight ``w`` (out, in), float64, inflated by SAFETY_REL."""
+    """Exact spectral norm of a dense weight ``w`` (out, in), float64, inflated by SAFETY_REL
+    (computed on the weight scaled by a power of two: see the module docstring)."""
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2:
         raise ValueError(f"dense weight must be 2-D (out, in), got shape {w.shape}")
     if w.size == 0:
         return 0.0
-    s = np.linalg.svd(w, compute_uv=False)
-    return float(s[0]) * (1.0 + SAFETY_REL)
+    ws, e = pow2_normalise(w)
+    s = np.linalg.svd(ws, compute_uv=False)
+    return ldexp_up(float(s[0]) * (1.0 + SAFETY_REL), e)
 
 
 def _torus_size(n_padded: int, s: int) -> int:
@@ -87,12 +173,13 @@ def conv_circular_bound(w, in_hw, stride=1, padding="same", tori=3) -> float:
     pads = resolve_padding(padding, (h, wd), (kh, kw), (sh, sw))
     conv_out_hw((h, wd), (kh, kw), (sh, sw), pads)  # raises if the kernel does not fit
     pt, pb, pl, pr = pads
+    ws, scale = pow2_normalise(w)
     best = np.inf
     for e in range(max(int(tori), 1)):
         n1 = _torus_size(h + pt + pb, sh) + e * sh
         n2 = _torus_size(wd + pl + pr, sw) + e * sw
-        best = min(best, _circular_norm(w, n1 // sh, n2 // sw, sh, sw))
-    return best * (1.0 + SAFETY_REL)
+        best = min(best, _circular_norm(ws, n1 // sh, n2 // sw, sh, sw))
+    return ldexp_up(best * (1.0 + SAFETY_REL), scale)
 
 
 def _circular_norm(w, m1, m2, sh, sw) -> float:
@@ -139,11 +226,11 @@ def dense_operator_matrix(w, backend=None):
 
 
 def matrix_norm(a) -> float:
-    """Largest singular value of a matrix (float64, no inflation)."""
-    a = np.asarray(a, dtype=np.float64)
+    """Largest singular value of a matrix (float64, no inflation; scaled by a power of two)."""
+    a, e = pow2_normalise(a)
     if a.size == 0:
         return 0.0
-    return float(np.linalg.svd(a, compute_uv=False)[0])
+    return ldexp_up(float(np.linalg.svd(a, compute_uv=False)[0]), e)
 
 
 def conv_matrix_direct(w, in_hw, stride=1, padding="same"):
@@ -173,13 +260,20 @@ def conv_matrix_direct(w, in_hw, stride=1, padding="same"):
     return a.reshape(o * oh * ow, c * h * wd)
 
 
+def _gram_norm_scaled(a) -> tuple[float, int]:
+    """(n, e) with ||a||_2 ~= n * 2**e: eigvalsh of the smaller Gram matrix of ``a`` scaled
+    into [0.5, 1) first (unscaled, squares below 1e-154 underflow: 1e-165 entries gave 0)."""
+    a, e = pow2_normalise(a)
+    if a.size == 0:
+        return 0.0, 0
+    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    return float(math.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))), e
+
+
 def matrix_norm_gram(a) -> float:
     """||a||_2 via eigvalsh of the smaller Gram matrix (float64, no inflation)."""
-    a = np.asarray(a, dtype=np.float64)
-    if a.size == 0:
-        return 0.0
-    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    return float(math.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0)))
+    n, e = _gram_norm_scaled(a)
+    return ldexp_up(n, e)
 
 
 # operators whose smaller side is at most this many and whose matrix has at most
@@ -212,7 +306,8 @@ def conv_provable_bound(w, in_hw, stride=1, padding="same", method="auto"):
             f"explicit bound needs the {n_out}x{n_in} operator matrix, over the limits "
             f"(side {EXPLICIT_MAX_SIDE}, {EXPLICIT_MAX_ENTRIES} entries); use 'fft' or 'auto'")
     if method == "explicit" or (method == "auto" and small):
-        exact = matrix_norm_gram(conv_matrix_direct(w64, (h, wd), (sh, sw), padding)) * (1.0 + SAFETY_REL)
+        n, e = _gram_norm_scaled(conv_matrix_direct(w64, (h, wd), (sh, sw), padding))
+        exact = ldexp_up(n * (1.0 + SAFETY_REL), e)  # inflated before scaling back
         if method == "explicit" or exact < fft:
             return exact, "explicit"
         return fft, "fft"

@@ -12,6 +12,10 @@ import numpy as np
 
 # 4 ulps-worth of relative slack for float64's own rounding of the sums below
 _C4 = 4 * np.finfo(np.float64).eps
+# absolute slack for the products that may underflow (eps * K_ij, margin / K_ij)
+_TINY = float(np.finfo(np.float64).smallest_subnormal)
+_NORMAL = float(np.finfo(np.float64).tiny)
+_MAX = float(np.finfo(np.float64).max)   # a quotient by K_ij > 0 that overflowed: inf only if K = 0
 
 
 def _checked(y64, err, k_pair):
@@ -34,6 +38,10 @@ def decide_reference(y64, err, k_pair, eps: float):
     Returns (j (n,) int64 first argmax, y_⊥ (n,), certified (n,) bool, radius (n,),
     certified_without_slack (n,) bool: the decision for err = 0, which says where a tighter
     rounding bound could still change it).
+
+    A row with any logit or error bound that is not finite is not certified and has
+    radius 0 (an exact logit is finite: inf or NaN means the pass overflowed). A point
+    that is not certified has a radius of at most eps.
     """
     y64, err, k_pair = _checked(y64, err, k_pair)
     n, m = y64.shape
@@ -41,23 +49,28 @@ def decide_reference(y64, err, k_pair, eps: float):
     rows = np.arange(n)
     yj, ej = y64[rows, j], err[rows, j]
     kj = k_pair[j]                             # (n, m)
-    # float64 evaluation of y_i + e_i + e_j + eps K_ij: cover its rounding too
-    slack = err + ej[:, None]
-    cand = y64 + slack + eps * kj
-    cand += _C4 * (np.abs(y64) + np.abs(yj)[:, None] + slack + eps * kj)
-    cand[rows, j] = -np.inf
-    ybot = cand.max(axis=1)
-    certified = yj > ybot                       # strict: ties are never certified
-    margin = yj[:, None] - y64 - slack - _C4 * (np.abs(y64) + np.abs(yj)[:, None] + slack)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(kj > 0, margin / kj, np.where(margin > 0, np.inf, 0.0))
-    r[rows, j] = np.inf
-    radius = r.min(axis=1)
-    radius[~(radius > 0)] = 0.0   # also NaN, from overflowed logits (inf - inf): radius 0
-    bare = y64 + eps * kj
-    bare += _C4 * (np.abs(y64) + np.abs(yj)[:, None] + eps * kj)
-    bare[rows, j] = -np.inf
-    return j, ybot, certified, radius, yj > bare.max(axis=1)
+    finite = np.isfinite(y64).all(axis=1) & np.isfinite(err).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # float64 evaluation of y_i + e_i + e_j + eps K_ij: cover its rounding too, and
+        # with a few subnormals the underflow of eps K_ij
+        slack = err + ej[:, None]
+        cand = y64 + slack + eps * kj
+        cand += _C4 * (np.abs(y64) + np.abs(yj)[:, None] + slack + eps * kj) + 2 * _TINY
+        cand[rows, j] = -np.inf
+        ybot = cand.max(axis=1)
+        certified = (yj > ybot) & finite           # strict: ties are never certified
+        margin = yj[:, None] - y64 - slack - (_C4 * (np.abs(y64) + np.abs(yj)[:, None] + slack) + 2 * _TINY)
+        with np.errstate(divide="ignore"):
+            r = np.where(kj > 0, np.minimum(margin / kj, _MAX), np.where(margin > 0, np.inf, 0.0))
+        r = np.where(r < _NORMAL, r - _TINY, r)   # a quotient that underflowed may round up
+        r[rows, j] = np.inf
+        radius = r.min(axis=1)
+        radius[~(radius > 0) | ~finite] = 0.0   # also NaN, from overflowed logits (inf - inf)
+        radius = np.where(certified, radius, np.minimum(radius, eps))
+        bare = y64 + eps * kj
+        bare += _C4 * (np.abs(y64) + np.abs(yj)[:, None] + eps * kj) + 2 * _TINY
+        bare[rows, j] = -np.inf
+    return j, ybot, certified, radius, (yj > bare.max(axis=1)) & finite
 
 
 try:
@@ -67,7 +80,7 @@ except Exception:  # no numba: decide() is the NumPy form
 
 if njit is not None:
     @njit(cache=True)
-    def _decide_rows(y64, err, k_pair, eps, c4, j, ybot, certified, radius, bare_cert):
+    def _decide_rows(y64, err, k_pair, eps, c4, tiny, normal, maxf, j, ybot, certified, radius, bare_cert):
         """decide_reference's arithmetic per row, each float64 operation as NumPy orders it."""
         n, m = y64.shape
         for r in range(n):
@@ -81,6 +94,10 @@ if njit is not None:
                         break
                     if v > best:
                         best, jr = v, i
+            finite = True
+            for i in range(m):
+                if not (np.isfinite(y64[r, i]) and np.isfinite(err[r, i])):
+                    finite = False
             yj, ej = y64[r, jr], err[r, jr]
             ayj = abs(yj)
             top = -np.inf
@@ -93,27 +110,30 @@ if njit is not None:
                 slack = err[r, i] + ej
                 ek = eps * k
                 cand = (y + slack) + ek
-                cand += c4 * (((abs(y) + ayj) + slack) + ek)
+                cand += c4 * (((abs(y) + ayj) + slack) + ek) + 2 * tiny
                 if cand > top or cand != cand:      # np.max propagates NaN
                     top = cand if top == top else top
                 bare = y + ek
-                bare += c4 * ((abs(y) + ayj) + ek)
+                bare += c4 * ((abs(y) + ayj) + ek) + 2 * tiny
                 if bare > top_bare or bare != bare:
                     top_bare = bare if top_bare == top_bare else top_bare
-                margin = ((yj - y) - slack) - c4 * ((abs(y) + ayj) + slack)
+                margin = ((yj - y) - slack) - (c4 * ((abs(y) + ayj) + slack) + 2 * tiny)
                 if k > 0:
-                    q = margin / k
+                    q = min(margin / k, maxf)
                 elif margin > 0:
                     q = np.inf
                 else:
                     q = 0.0
+                if q < normal:                      # a quotient that underflowed may round up
+                    q = q - tiny
                 if q < rmin or q != q:              # NaN: radius 0 below
                     rmin = q if rmin == rmin else rmin
             j[r] = jr
             ybot[r] = top
-            certified[r] = yj > top
-            bare_cert[r] = yj > top_bare
-            radius[r] = rmin if rmin > 0 else 0.0
+            certified[r] = yj > top and finite
+            bare_cert[r] = yj > top_bare and finite
+            rad = rmin if (rmin > 0 and finite) else 0.0
+            radius[r] = rad if certified[r] else min(rad, eps)
 
 
 def decide(y64, err, k_pair, eps: float):
@@ -125,5 +145,6 @@ def decide(y64, err, k_pair, eps: float):
     j = np.empty(n, dtype=np.int64)
     ybot, radius = np.empty(n), np.empty(n)
     certified, bare_cert = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
-    _decide_rows(y64, err, k_pair, float(eps), float(_C4), j, ybot, certified, radius, bare_cert)
+    _decide_rows(y64, err, k_pair, float(eps), float(_C4), _TINY, _NORMAL, _MAX, j, ybot, certified, radius,
+                 bare_cert)
     return j, ybot, certified, radius, bare_cert

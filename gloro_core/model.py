@@ -36,13 +36,14 @@ from nn import functions as F
 from nn import init as nn_init
 from nn.tensor import Parameter, Tensor, no_grad
 
-from . import checkpoint, decision, losses, rounding
+from . import bounds, checkpoint, decision, losses, rounding
 from .lipschitz import LinearOp, converge, init_iterate, power_update_layers
 
 ACTIVATIONS = ("relu", "minmax")
 INITS = {"glorot_uniform": "glorot_uniform", "glorot": "glorot_uniform", "orthogonal": "orthogonal"}
 DEFAULT_POWER_ITERS = 5
 DEFAULT_MAX_ITER = 2000
+_TINY64 = float(np.finfo(np.float64).smallest_subnormal)
 
 
 def _host(a):
@@ -446,7 +447,11 @@ class GloroNet:
             "power_iters": iters,
             "converged": conv,
             "tol": float(tol),
-            "pair_k": {},  # (variant, k_sub) -> _pair_k(k_sub); the last layer is in "weights"
+            "pair_k": {},  # (variant, bound) -> _pair_k(k_sub); the last layer is in "weights"
+            # K_sub as (mantissa, exponent), rounded up: np.prod underflows to 0 (and a
+            # certificate with K = 0 has an infinite radius); the floats are for reports
+            "k_sub_scaled": {"power": bounds.product_up(power[:-1]),
+                             "provable": bounds.product_up(prov[:-1])},
             "k_sub_power": float(np.prod(power[:-1])) if len(power) > 1 else 1.0,
             "k_sub_provable": float(np.prod(prov[:-1])) if len(prov) > 1 else 1.0,
         }
@@ -488,23 +493,30 @@ class GloroNet:
         k u / (1 - k u), u the unit roundoff, k the fan-in (any summation order, FMA or
         not), tiny the smallest subnormal (products that underflow), and the
         exact output differs by |W| e more. So e_out = |W| (e + gamma |h|) + gamma |b|,
-        evaluated in float64 and inflated by 1e-6 relative for float64's own rounding.
-        ReLU and MinMax are exact and 1-Lipschitz per coordinate (MinMax per pair:
-        both outputs get the pair's larger error). A float64 input cast to float32 adds
-        |x - fl32(x)| at the input.
+        evaluated in float64 and inflated by 1e-6 relative and (k+1) float64 subnormals
+        for float64's own rounding and underflow. ReLU and MinMax are exact and
+        1-Lipschitz per coordinate (MinMax per pair: both outputs get the pair's larger
+        error). A float64 input cast to float32 adds |x - fl32(x)| at the input.
+
+        Overflow: every partial sum of an output is at most |W| |h| + |b| <= e_out /
+        gamma, so a row whose e_out (1 + gamma) / gamma may pass the dtype's largest value
+        (or whose computed output is not finite) may have overflowed: its error is inf.
         """
         xd, xorig = self._check_x(x)
         xp = self.xp
         u = float(np.finfo(self.dtype).eps) / 2.0
+        tiny = float(np.finfo(self.dtype).smallest_subnormal)
+        limit = float(np.finfo(self.dtype).max)
         e = xp.abs(xorig.astype(np.float64) - xd.astype(np.float64))
         h = xd
+        bad = xp.zeros(xd.shape[0], dtype=bool)
         last = self.num_layers - 1
         for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
             wd, bd = w.data, b.data
             fan = int(np.prod(op.w_shape[1:])) + 1
             gamma = fan * u / (1.0 - fan * u)
             aw = xp.abs(wd.astype(np.float64))
-            src = e + gamma * xp.abs(h.astype(np.float64))
+            src = e + gamma * xp.abs(h.astype(np.float64)) + _TINY64   # (gamma |h| may underflow)
             if op.kind == "conv":
                 h = kernels.conv2d(h, wd, bd, op.stride, op.padding)
                 e = kernels.conv2d(src, aw, None, op.stride, op.padding)
@@ -515,8 +527,11 @@ class GloroNet:
                     src = src.reshape(src.shape[0], -1)
                 h = kernels.dense(h, wd, bd)
                 e = kernels.dense(src, aw, None) + gamma * xp.abs(bd.astype(np.float64))[None, :]
-            e += fan * float(np.finfo(self.dtype).smallest_subnormal)  # products that underflow
+            e += fan * tiny + fan * _TINY64  # products that underflow, in the model and here
             e *= 1.0 + 1e-6
+            with np.errstate(over="ignore", invalid="ignore"):
+                fine = xp.isfinite(h) & (e * ((1.0 + gamma) / gamma * (1.0 + 1e-6)) <= limit)
+            bad |= ~fine.reshape(fine.shape[0], -1).all(axis=1)
             if i < last:
                 if self.activation == "relu":
                     h = xp.maximum(h, h.dtype.type(0))
@@ -525,21 +540,32 @@ class GloroNet:
                     n2 = e.shape[1] // 2
                     ep = e.reshape((e.shape[0], n2, 2) + e.shape[2:]).max(axis=2, keepdims=True)
                     e = xp.repeat(ep, 2, axis=2).reshape(e.shape)
+        e[bad] = np.inf
         return _host(h), _host(e)
 
     def _pair_k(self, k_sub):
-        """(m, m) float64: K[j, i] bounding the Lipschitz constant of f_j - f_i (diag unused)."""
-        w = _host(self.params[-1][0].data).astype(np.float64)
-        m = w.shape[0]
+        """(m, m) float64: K[j, i] bounding the Lipschitz constant of f_j - f_i (diag unused).
+
+        k_sub: a float, or (mantissa, exponent) from bounds.product_up. Computed on the
+        last weight scaled by a power of two and scaled back rounding up, so that no
+        scale of weights makes a K_ij of a nonzero pair 0 (or NaN from 0 * inf)."""
+        km, ke = k_sub if isinstance(k_sub, tuple) else bounds.product_up([k_sub])
+        w, we = bounds.pow2_normalise(_host(self.params[-1][0].data))
+        m, d = w.shape
         if self.variant == "margin":
-            kk = np.empty((m, m), dtype=np.float64)
+            sq = np.empty((m, m), dtype=np.float64)
             for j in range(m):
-                kk[j] = np.sqrt(((w[j][None, :] - w) ** 2).sum(axis=1))
-            kk *= k_sub
+                sq[j] = ((w[j][None, :] - w) ** 2).sum(axis=1)
         else:
-            ki = k_sub * np.sqrt((w ** 2).sum(axis=1))
-            kk = ki[:, None] + ki[None, :]
-        return kk * (1.0 + 1e-9)  # float64 rounding of the norms and products
+            sq = (w ** 2).sum(axis=1)
+        # the d squares that may underflow lose < 1 subnormal each; 1e-9 covers the
+        # float64 rounding of the differences, sums, square roots and products
+        norms = np.sqrt(sq + d * _TINY64) * (1.0 + 1e-9)
+        if self.variant != "margin":
+            norms = norms[:, None] + norms[None, :]
+        with np.errstate(invalid="ignore"):
+            kk = norms * km * (1.0 + 1e-9)
+        return bounds.ldexp_up_array(kk, ke + we)
 
     def _forward_norm_error(self, x, fr):
         """Logits in the model dtype plus the cheap norm-wise rounding bound (rounding.py).
@@ -571,7 +597,9 @@ class GloroNet:
             last = self.num_layers - 1
             consts = []
             for i, (op, (w, b)) in enumerate(zip(self.ops, self.params)):
-                sigma = max(fr["provable"][i], fr["power"][i])
+                # the provable bound; a power estimate that overflowed (inf, NaN) is no norm
+                p = fr["power"][i]
+                sigma = max(fr["provable"][i], p) if math.isfinite(p) else fr["provable"][i]
                 positions = int(np.prod(op.out_shape[1:])) if op.kind == "conv" else 1
                 consts.append(rounding.layer_constants(op.kind, _host(w.data), _host(b.data), positions,
                                                        sigma, self.dtype, last=i == last))
@@ -597,9 +625,9 @@ class GloroNet:
         # which bound the last certificate rests on (a proof only for "provable")
         self.last_certification = {"bound": bound, "k_sub": k_sub, "eps": eps, "proof": bound == "provable",
                                    "methods": list(fr["methods"]), "version": fr["version"]}
-        k_pair = fr["pair_k"].get((self.variant, k_sub))
+        k_pair = fr["pair_k"].get((self.variant, bound))
         if k_pair is None:
-            k_pair = fr["pair_k"][(self.variant, k_sub)] = self._pair_k(k_sub)
+            k_pair = fr["pair_k"][(self.variant, bound)] = self._pair_k(fr["k_sub_scaled"][bound])
             k_pair.setflags(write=False)
         y, err = self._forward_norm_error(x, fr)
         y64 = y.astype(np.float64)

@@ -25,7 +25,14 @@ with fan-in k (dot length, +1 for the bias), gamma = (k+1) u / (1 - (k+1) u):
 
 ||A_W||_2 is the layer's provable operator-norm bound; ||A_|W|||_2 (the operator with
 the kernel's absolute values) is bounded by the Schur test sqrt(max row sum * max column
-sum). Every float64 step is inflated by a relative 1e-9 to cover its own rounding.
+sum). Every float64 step is inflated by a relative 1e-9 to cover its own rounding, and
+by a few smallest subnormals where its products may underflow (float64 nets at 1e-200).
+
+Overflow. Every partial sum of a computed dot product is at most sum_j |w_j| |ĥ_j| + |b|
+<= ||A_|W|||_2 ||ĥ|| + ||b|| (any order, FMA or not), so when that bound times
+(1 + gamma) stays below the dtype's largest finite value no product, sum or output of the
+layer overflowed. Where it does not (a float32 sgemm returned -inf for an exact 1e38,
+and ReLU turned it into 0) the bound is inf: no certificate.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ import math
 import numpy as np
 
 from kernels import array_module
+
+from . import bounds
 
 _INFLATE = 1.0 + 1e-9
 _TINY64 = float(np.finfo(np.float64).smallest_subnormal)
@@ -53,7 +62,8 @@ def abs_operator_bound(w, kind: str) -> float:
         row, col = a.sum(axis=1).max(), a.sum(axis=0).max()
     else:
         raise ValueError(f"kind must be 'conv' or 'dense', got {kind!r}")
-    return math.sqrt(row * col) * _INFLATE
+    # sqrt of each factor: row * col underflows to 0 for 1e-200 weights
+    return math.sqrt(row) * math.sqrt(col) * _INFLATE + _TINY64
 
 
 def gamma(fan_in: int, dtype) -> float:
@@ -114,12 +124,15 @@ class LayerConstants:
     bias_norm: ||b|| broadcast over the output positions (conv: ||b|| sqrt(OH·OW));
     underflow: (k+1) tiny per output (the last layer) or its l2 norm over all outputs.
     For the last layer also row_norms (m,) = ||w_i|| and abs_bias (m,) = |b_i|.
+    limit: the largest finite value of the model dtype (no partial sum may pass it).
     """
 
-    def __init__(self, sigma, sigma_abs, gamma_, bias_norm, underflow, row_norms=None, abs_bias=None):
+    def __init__(self, sigma, sigma_abs, gamma_, bias_norm, underflow, row_norms=None, abs_bias=None,
+                 limit=float(np.finfo(np.float32).max)):
         self.sigma, self.sigma_abs, self.gamma = float(sigma), float(sigma_abs), float(gamma_)
         self.bias_norm, self.underflow = float(bias_norm), float(underflow)
         self.row_norms, self.abs_bias = row_norms, abs_bias
+        self.limit = float(limit)
 
 
 def layer_constants(kind, w, b, out_positions: int, sigma: float, dtype, last: bool) -> LayerConstants:
@@ -127,37 +140,39 @@ def layer_constants(kind, w, b, out_positions: int, sigma: float, dtype, last: b
     w64 = np.asarray(w, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
     fan = int(np.prod(w64.shape[1:]))
-    bias_norm = float(np.sqrt((b64 ** 2).sum() * out_positions)) * _INFLATE
+    # norms scaled by powers of two: squares of 1e-200 biases or weights underflow
+    bias_norm = float(bounds.row_norms_up(b64[None, :])[0]) * math.sqrt(out_positions) * _INFLATE
     rows = absb = None
     if last:
-        rows = np.sqrt((w64.reshape(w64.shape[0], -1) ** 2).sum(axis=1)) * _INFLATE
+        rows = bounds.row_norms_up(w64) * _INFLATE
         absb = np.abs(b64)
     per_output = (fan + 1) * float(np.finfo(dtype).smallest_subnormal)
     underflow = per_output if last else per_output * math.sqrt(w64.shape[0] * out_positions)
     return LayerConstants(sigma * _INFLATE, abs_operator_bound(w64, kind), gamma(fan, dtype), bias_norm,
-                          underflow * _INFLATE, rows, absb)
+                          underflow * _INFLATE, rows, absb, float(np.finfo(dtype).max))
 
 
 def logit_error_bound(consts, x_sq_norm, input_err) -> np.ndarray:
-    """(n, m) float64 bound on |f(x)_i - y_i| from the input norms alone.
+    """(n, m) float64 bound on |f(x)_i - y_i| from the input norms alone; a row is inf
+    where a layer may have overflowed (see the module docstring).
 
     consts: LayerConstants per layer, the last one with row_norms/abs_bias;
     x_sq_norm (n,): upper bound on ||ĥ_0||^2 (the input as fed, in the model dtype);
     input_err (n,): ||x - ĥ_0|| (0 when x already was in the model dtype).
     With Numba, one loop over the rows (the same float64 operations in the same order as
-    logit_error_bound_reference, bit-identical: ~0.01 vs 0.07-0.16 ms at 1024 x 10).
+    logit_error_bound_reference, bit-identical).
     """
     if _bound_rows is None:
         return logit_error_bound_reference(consts, x_sq_norm, input_err)
-    table = np.array([[c.sigma, c.sigma_abs, c.gamma, c.bias_norm, c.underflow] for c in consts[:-1]],
-                     dtype=np.float64).reshape(-1, 5)
+    table = np.array([[c.sigma, c.sigma_abs, c.gamma, c.bias_norm, c.underflow, c.limit] for c in consts[:-1]],
+                     dtype=np.float64).reshape(-1, 6)
     c = consts[-1]
     sq = np.ascontiguousarray(x_sq_norm, dtype=np.float64)
     e_in = np.ascontiguousarray(np.broadcast_to(np.asarray(input_err, dtype=np.float64), sq.shape))
     out = np.empty((sq.shape[0], c.row_norms.shape[0]))
     _bound_rows(sq, e_in, table, np.ascontiguousarray(c.row_norms, dtype=np.float64),
-                np.ascontiguousarray(c.abs_bias, dtype=np.float64), c.gamma, c.underflow, _INFLATE,
-                _INFLATE ** 2, out)
+                np.ascontiguousarray(c.abs_bias, dtype=np.float64), c.gamma, c.underflow, c.limit,
+                _INFLATE, _INFLATE ** 2, _TINY64, out)
     return out
 
 
@@ -165,32 +180,53 @@ def logit_error_bound_reference(consts, x_sq_norm, input_err) -> np.ndarray:
     """logit_error_bound in NumPy: the definition (see the module docstring)."""
     h = np.sqrt(x_sq_norm) * _INFLATE
     e = np.asarray(input_err, dtype=np.float64) * _INFLATE
+    e = np.broadcast_to(e, h.shape)
     for c in consts[:-1]:
-        local = c.gamma * (c.sigma_abs * h + c.bias_norm) + c.underflow
-        e = (c.sigma * e + local) * _INFLATE
-        h = (c.sigma * h + c.bias_norm + local) * _INFLATE
+        s = c.sigma_abs * h + c.bias_norm         # bounds every partial sum of the layer
+        local = (c.gamma * s + c.underflow) + 2 * _TINY64
+        ok = (s + local) * _INFLATE <= c.limit    # False also for NaN
+        e = np.where(ok, (c.sigma * e + local) * _INFLATE + _TINY64, np.inf)
+        h = np.where(ok, ((c.sigma * h + c.bias_norm) + local) * _INFLATE + _TINY64, np.inf)
     c = consts[-1]
-    err = e[:, None] * c.row_norms[None, :] + c.gamma * (h[:, None] * c.row_norms[None, :] + c.abs_bias[None, :])
-    err += c.underflow
-    return err * (_INFLATE ** 2)
+    s = h[:, None] * c.row_norms[None, :] + c.abs_bias[None, :]
+    err = e[:, None] * c.row_norms[None, :] + c.gamma * s
+    err = ((err + c.underflow) + 2 * _TINY64) * (_INFLATE ** 2)
+    ok = ((s + err) * _INFLATE <= c.limit).all(axis=1)
+    err[~ok] = np.inf
+    return err
 
 
 if _njit is None:
     _bound_rows = None
 else:
     @_njit(cache=True)
-    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, inflate, inflate2, out):
-        """logit_error_bound_reference per row; table (layers - 1, 5): sigma, sigma_abs,
-        gamma, bias_norm, underflow of each hidden layer."""
+    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, limit_last, inflate,
+                    inflate2, tiny, out):
+        """logit_error_bound_reference per row; table (layers - 1, 6): sigma, sigma_abs,
+        gamma, bias_norm, underflow, limit of each hidden layer."""
+        m = row_norms.shape[0]
         for r in range(sq.shape[0]):
             h = np.sqrt(sq[r]) * inflate
             e = e_in[r] * inflate
             for i in range(table.shape[0]):
-                sig, sabs, gam, bn, uf = table[i, 0], table[i, 1], table[i, 2], table[i, 3], table[i, 4]
-                local = gam * (sabs * h + bn) + uf
-                e = (sig * e + local) * inflate
-                h = (sig * h + bn + local) * inflate
-            for k in range(row_norms.shape[0]):
-                v = e * row_norms[k] + gamma_last * (h * row_norms[k] + abs_bias[k])
-                v += underflow_last
-                out[r, k] = v * inflate2
+                sig, sabs, gam, bn, uf, lim = (table[i, 0], table[i, 1], table[i, 2], table[i, 3],
+                                               table[i, 4], table[i, 5])
+                s = sabs * h + bn
+                local = (gam * s + uf) + 2 * tiny
+                if (s + local) * inflate <= lim:
+                    e = (sig * e + local) * inflate + tiny
+                    h = ((sig * h + bn) + local) * inflate + tiny
+                else:
+                    e = np.inf
+                    h = np.inf
+            ok = True
+            for k in range(m):
+                s = h * row_norms[k] + abs_bias[k]
+                v = e * row_norms[k] + gamma_last * s
+                v = ((v + underflow_last) + 2 * tiny) * inflate2
+                out[r, k] = v
+                if not (s + v) * inflate <= limit_last:
+                    ok = False
+            if not ok:
+                for k in range(m):
+                    out[r, k] = np.inf

@@ -127,9 +127,12 @@ def test_jitted_error_bound_equals_the_numpy_form(rng, layers):
     """The row loop does the reference's float64 operations in its order: same bits."""
     for _ in range(10):
         m = int(rng.integers(1, 12))
-        consts = [rounding.LayerConstants(*(rng.random(5) * rng.choice([1e-30, 1.0, 1e8], size=5)))
+        # limits of 1e3 make some rows overflow (inf), 1e300 none
+        consts = [rounding.LayerConstants(*(rng.random(5) * rng.choice([1e-30, 1.0, 1e8], size=5)),
+                                          limit=rng.choice([1e3, 1e300]))
                   for _ in range(layers - 1)]
-        consts.append(rounding.LayerConstants(*rng.random(5), row_norms=rng.random(m), abs_bias=rng.random(m)))
+        consts.append(rounding.LayerConstants(*rng.random(5), row_norms=rng.random(m), abs_bias=rng.random(m),
+                                              limit=rng.choice([1e3, 1e300])))
         n = int(rng.integers(1, 50))
         sq = rng.random(n) * 1e3
         sq[rng.random(n) < 0.2] = 0.0
@@ -138,6 +141,11 @@ def test_jitted_error_bound_equals_the_numpy_form(rng, layers):
             ref = rounding.logit_error_bound_reference(consts, sq, e_in)
             assert got.shape == ref.shape == (n, m)
             np.testing.assert_array_equal(got, ref)
+    # a layer whose sums may pass the dtype's largest value makes the whole row inf
+    consts[-1].limit = 1.0
+    got = rounding.logit_error_bound(consts, np.full(3, 1e6), np.zeros(3))
+    assert np.all(np.isinf(got))
+    np.testing.assert_array_equal(got, rounding.logit_error_bound_reference(consts, np.full(3, 1e6), np.zeros(3)))
 
 
 def test_sq_norms_jitted_and_einsum_paths_agree(rng, monkeypatch):
