@@ -35,14 +35,15 @@ from kernels.checks import conv_out_hw, resolve_padding, check_stride
 SAFETY_REL = 1e-9
 
 
-_TINY = float(np.finfo(np.float64).smallest_subnormal)
+# the smallest float64 subnormal: the most a float64 product loses when it underflows
+TINY = float(np.finfo(np.float64).smallest_subnormal)
 
 
 def pow2_normalise(a):
     """(a * 2**-e, e) with the largest |entry| of the result in [0.5, 1); (a, 0) when a is
-    empty, all zero or not finite. Exact, except that entries more than ~1074 binades
-    below the largest one flush to zero: each loses less than 2**-1074, negligible next
-    to the norm (>= 0.5) and covered by SAFETY_REL."""
+    empty, all zero or not finite. Exact, except for entries more than ~1022 binades below
+    the largest one, which round in the subnormal range or flush to zero: each loses less
+    than 2**-1074, negligible next to the norm (>= 0.5) and covered by SAFETY_REL."""
     a = np.asarray(a, dtype=np.float64)
     big = float(np.max(np.abs(a))) if a.size else 0.0
     if not (0.0 < big < math.inf):
@@ -61,8 +62,13 @@ def ldexp_up(x: float, e: int) -> float:
         r = math.ldexp(x, e)
     except OverflowError:
         return math.inf
-    if r < math.ldexp(1.0, -1022) and (r == 0.0 or math.ldexp(r, -e) < x):
-        r = math.nextafter(r, math.inf)   # scaling a subnormal back up is exact
+    if r < math.ldexp(1.0, -1022):
+        try:
+            lost = r == 0.0 or math.ldexp(r, -e) < x   # scaling a subnormal back up is exact
+        except OverflowError:                          # r was rounded up past x: nothing lost
+            lost = False
+        if lost:
+            r = math.nextafter(r, math.inf)
     return r
 
 
@@ -82,7 +88,7 @@ def row_norms_up(a) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     a = a.reshape(a.shape[0], -1)
     s, e = pow2_normalise(a)
-    n = np.sqrt((s * s).sum(axis=1) + a.shape[1] * _TINY) * (1.0 + SAFETY_REL)
+    n = np.sqrt((s * s).sum(axis=1) + a.shape[1] * TINY) * (1.0 + SAFETY_REL)
     return ldexp_up_array(n, e)
 
 

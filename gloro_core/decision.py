@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import bounds
+
 # 4 ulps-worth of relative slack for float64's own rounding of the sums below
 _C4 = 4 * np.finfo(np.float64).eps
 # absolute slack for the products that may underflow (eps * K_ij, margin / K_ij)
-_TINY = float(np.finfo(np.float64).smallest_subnormal)
+_TINY = bounds.TINY
 _NORMAL = float(np.finfo(np.float64).tiny)
 _MAX = float(np.finfo(np.float64).max)   # a quotient by K_ij > 0 that overflowed: inf only if K = 0
 

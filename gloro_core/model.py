@@ -43,7 +43,7 @@ ACTIVATIONS = ("relu", "minmax")
 INITS = {"glorot_uniform": "glorot_uniform", "glorot": "glorot_uniform", "orthogonal": "orthogonal"}
 DEFAULT_POWER_ITERS = 5
 DEFAULT_MAX_ITER = 2000
-_TINY64 = float(np.finfo(np.float64).smallest_subnormal)
+_TINY64 = bounds.TINY
 
 
 def _host(a):
@@ -558,13 +558,13 @@ class GloroNet:
                 sq[j] = ((w[j][None, :] - w) ** 2).sum(axis=1)
         else:
             sq = (w ** 2).sum(axis=1)
-        # the d squares that may underflow lose < 1 subnormal each; 1e-9 covers the
+        # the d squares that may underflow lose < 1 subnormal each; SAFETY_REL covers the
         # float64 rounding of the differences, sums, square roots and products
-        norms = np.sqrt(sq + d * _TINY64) * (1.0 + 1e-9)
+        norms = np.sqrt(sq + d * _TINY64) * (1.0 + bounds.SAFETY_REL)
         if self.variant != "margin":
             norms = norms[:, None] + norms[None, :]
         with np.errstate(invalid="ignore"):
-            kk = norms * km * (1.0 + 1e-9)
+            kk = norms * km * (1.0 + bounds.SAFETY_REL)
         return bounds.ldexp_up_array(kk, ke + we)
 
     def _forward_norm_error(self, x, fr):
@@ -668,7 +668,8 @@ class GloroNet:
         """(pred (n,) int, radius (n,) float64): pred is the class or -1 for ⊥.
 
         radius = min_{i≠j} (y_j - y_i - e_i - e_j) / K_ij >= 0 (rounding slack e, see
-        gloro_logits); pred = j iff y_j > y_⊥ (strict). bound="provable" (default, a
+        gloro_logits), at most eps where pred is -1, and 0 where the pass overflowed;
+        pred = j iff y_j > y_⊥ (strict). bound="provable" (default, a
         proof) or "power" (converged power method: an estimate from below, not a proof).
         ``net.last_certification`` then says which bound (and K_sub, eps) was used.
         tight_radius=True (default) evaluates the tight per-coordinate rounding bound on

@@ -45,7 +45,7 @@ from kernels import array_module
 from . import bounds
 
 _INFLATE = 1.0 + 1e-9
-_TINY64 = float(np.finfo(np.float64).smallest_subnormal)
+_TINY64 = bounds.TINY
 
 
 def abs_operator_bound(w, kind: str) -> float:

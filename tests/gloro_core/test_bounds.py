@@ -102,3 +102,29 @@ def test_forced_explicit_bound_refuses_huge_operators():
     w = np.ones((64, 32, 3, 3))
     with pytest.raises(ValueError, match="operator matrix"):
         bounds.conv_provable_bound(w, (32, 32), 1, "same", "explicit")
+
+
+def test_scale_helpers_round_up_at_any_scale(rng):
+    """ldexp_up, product_up and row_norms_up are upper bounds in exact arithmetic, also
+    where float64 underflows or overflows (np.prod([1e-200, 1e-200]) is 0)."""
+    from fractions import Fraction
+
+    for _ in range(300):
+        x, e = float(rng.random()) + 0.5, int(rng.integers(-2200, 1100))
+        r = bounds.ldexp_up(x, e)
+        exact = Fraction(x) * Fraction(2) ** e
+        assert r == float("inf") or Fraction(r) >= exact
+        assert r == float("inf") or r <= 2 * float(exact) + 5e-324      # and not loose
+    assert bounds.ldexp_up(1.797e308, -2080) > 0 and bounds.ldexp_up(0.5, 2000) == float("inf")
+    for _ in range(200):
+        vals = [float(v) for v in 10.0 ** rng.uniform(-300, 300, size=int(rng.integers(1, 6)))]
+        m, e = bounds.product_up(vals)
+        exact = np.prod([Fraction(v) for v in vals])
+        assert 0.5 <= m < 1 and Fraction(m) * Fraction(2) ** e >= exact
+        assert Fraction(m) * Fraction(2) ** e <= exact * Fraction(1 + 1e-12)
+    assert bounds.product_up([1e-200, 1e-200])[0] > 0 and bounds.product_up([0.0, 5.0]) == (0.0, 0)
+    a = rng.standard_normal((4, 7)) * 10.0 ** rng.uniform(-320, 300, size=(4, 1))
+    up = bounds.row_norms_up(a)
+    for row, u in zip(a, up):
+        sq = sum(Fraction(float(v)) ** 2 for v in row)
+        assert Fraction(float(u)) ** 2 >= sq and u > 0
