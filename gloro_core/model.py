@@ -95,10 +95,10 @@ def _spec_int(d, i, key, default=None) -> int:
     """Layer i's d[key] as a Python int. Strict: int() would turn a padding of 1.7 into 1
     and a filters of True into 1; integral floats (4.0) are refused too (our checkpoints
     and architecture parsers write ints)."""
-    v = d.get(key, default)
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"layer {i}: {key!r} must be an integer, got {v!r}")
-    return int(v)
+    try:
+        return _check_int(d.get(key, default), f"layer {i}: {key!r}")
+    except TypeError as exc:   # a bad spec is a ValueError, as every other spec error
+        raise ValueError(str(exc)) from None
 
 
 def _normalise_specs(layers, input_shape, num_classes, activation):
