@@ -19,6 +19,9 @@ from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
 from gloro_core import bounds
+
+# overflow and underflow are what these tests are about
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 from gloro_core.model import GloroNet
 
 
