@@ -105,6 +105,22 @@ def _atomic_write(path: str, write) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(d)
+
+
+def _fsync_dir(d: str) -> None:
+    # The rename is durable only once the directory is: without this a power loss could
+    # lose last.npz's replace yet keep a later best.npz one, breaking last-before-best.
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # platforms/filesystems that cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_npz(path):

@@ -7,7 +7,10 @@ run, write access checked before any work is done.
   exits however it exits; the file names the holder (pid, host, start time) so a second
   writer is refused with a message saying who has the directory;
 * a directory holding anything but ``.lock`` is refused unless ``resume`` (continue that run)
-  or ``overwrite`` (replace it);
+  or ``overwrite`` (replace it); ``resume`` without ``last.npz`` is refused too when an
+  earlier run's outputs are there, since starting from scratch would replace them;
+* these refusals come before OUT or its ``.lock`` is created where OUT already exists (and
+  again once locked, in case another process changed it meanwhile);
 * a small file is written and removed, so a read-only or full directory fails now rather
   than after the first epoch;
 * temporary files that interrupted checkpoint writes left behind (``.tmp-*.npz``) are removed.
@@ -33,6 +36,7 @@ except ImportError:  # not POSIX: refused in RunDir._lock rather than run unlock
 
 LOCK = ".lock"
 OUTPUTS = ("last.npz", "best.npz", "metrics.jsonl", "metrics.csv", "curves.png")
+RESUME_FROM = "last.npz"  # the checkpoint ``resume`` continues from
 # checkpoint.save_npz's temporary files, and the write probe below
 ORPHANS = (".tmp-*.npz", ".tmp-probe-*")
 
@@ -55,6 +59,8 @@ class RunDir:
         out = self.out
         if os.path.exists(out) and not os.path.isdir(out):
             raise RunDirError(f"--out {out}: exists and is not a directory")
+        if os.path.isdir(out):
+            self._check_empty()  # refuse before creating .lock in a directory we won't use
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as exc:
@@ -138,9 +144,21 @@ class RunDir:
                               "nothing was trained") from None
 
     def _check_empty(self):
-        if self.resume or self.overwrite:
+        if self.overwrite:
             return
-        found = sorted(n for n in os.listdir(self.out) if n != LOCK)
+        names = os.listdir(self.out)
+        if self.resume:
+            if RESUME_FROM in names:
+                return
+            # nothing to resume from: a fresh start would truncate metrics.jsonl and
+            # replace best.npz, so an earlier run's leftovers are not silently taken over
+            left = sorted(n for n in names if n in OUTPUTS)
+            if left:
+                raise RunDirError(f"--resume: --out {self.out} has no {RESUME_FROM} to resume "
+                                  f"from but holds an earlier run's {', '.join(left)}; use "
+                                  "--overwrite to replace them or choose another --out")
+            return
+        found = sorted(n for n in names if n != LOCK)
         if found:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             raise RunDirError(f"--out {self.out} is not empty ({shown}): use --resume to "

@@ -167,9 +167,20 @@ def load_checkpoint(path: str):
 
 
 def _saved_state(path: str):
-    """train_state of a checkpoint, read from its meta alone; None if missing or unreadable."""
+    """train_state of a checkpoint, read from its meta alone; None if missing or unreadable.
+
+    Anything that is not a gloro .npz (a .npy, a torn zip, no meta) counts as unreadable:
+    ``_repair_best`` then treats best.npz as not this run's best, which replaces it only
+    with last.npz's bytes when last.npz is the best epoch, and otherwise leaves it alone.
+    """
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # e.g. a .npy renamed: not a checkpoint
+        return None
+    try:
+        with z:
             meta = json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
@@ -177,13 +188,77 @@ def _saved_state(path: str):
     return state if isinstance(state, dict) else None
 
 
+def _bad_state(path: str, what: str) -> ValueError:
+    return ValueError(f"{path}: train_state has no valid {what}; cannot resume from it "
+                      "(start over with --overwrite or another --out)")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _check_state(path: str, state) -> None:
+    """ValueError naming ``path`` unless ``state`` is a train_state resume can use."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: no training state in checkpoint; cannot resume")
+    for key, kind in (("config", dict), ("optimizer", dict)):
+        if not isinstance(state.get(key), kind):
+            raise _bad_state(path, repr(key))
+    epoch = state.get("epoch")
+    if not _is_int(epoch) or epoch < 0:
+        raise _bad_state(path, "'epoch'")
+    # Older checkpoints may lack these; present, they must be usable (_repair_best reads them)
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(m, dict) and _is_real(m.get("vra", -1.0)) for m in history):
+        raise _bad_state(path, "'history' (a list of per-epoch objects with a numeric vra)")
+    best_epoch = state.get("best_epoch")
+    if best_epoch is not None and not (_is_int(best_epoch) and 0 <= best_epoch <= epoch):
+        raise _bad_state(path, f"'best_epoch' (an epoch number from 0 to {epoch})")
+    if not _is_real(state.get("best_vra", -1.0)):
+        raise _bad_state(path, "'best_vra' (a number)")
+    run_id = state.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise _bad_state(path, "'run_id'")
+
+
+def _adopt_legacy_run(net, extra, last_path, best_path, best_epoch) -> str:
+    """Mint a run_id for a run saved before run_ids; stamp it on last.npz and on a best.npz
+    that was accepted as this run's, so a later resume still recognises that best.npz.
+    last.npz first: a stop between the two writes leaves a best.npz that at worst is
+    reported as another run's and kept, or replaced by last.npz when that is the best."""
+    run_id = uuid.uuid4().hex
+    held = _saved_state(best_path)
+    adopt = (best_epoch is not None and held is not None and held.get("run_id") is None
+             and held.get("epoch") == best_epoch)
+    extra["train_state"]["run_id"] = run_id
+    save_checkpoint(net, last_path, extra)
+    if adopt:
+        try:
+            best_net, best_extra = load_checkpoint(best_path)
+        except (OSError, ValueError):  # meta readable, model not: leave the file as it is
+            return run_id
+        best_extra["train_state"]["run_id"] = run_id
+        save_checkpoint(best_net, best_path, best_extra)
+    return run_id
+
+
 def _repair_best(last_path: str, best_path: str, state: dict, log) -> int | None:
     """Make best.npz hold the best epoch that last.npz's ``state`` names; -> that epoch.
 
     last.npz is written before best.npz, so the only gap a stop can leave is "this epoch
-    is the best but best.npz still holds an older one (or none)": then last.npz is the
-    best checkpoint and is copied. Any other mismatch means best.npz was changed outside
-    training; the best weights are gone, which is said, and best.npz is left as it is.
+    is the best but best.npz still holds an older one (or none)". Whenever last.npz's epoch
+    is the best one, last.npz's bytes are the best checkpoint, so they replace best.npz
+    whatever it holds (missing, unreadable, stale, or another run's): the directory is
+    locked and its outputs belong to this run. When the best epoch is an older one and
+    best.npz does not hold it, best.npz was changed outside training; the best weights are
+    gone, which is said, and best.npz is left as it is.
+
+    ``state`` must have passed ``_check_state``.
     """
     epoch, best_epoch = int(state["epoch"]), state.get("best_epoch")
     if best_epoch is None:  # checkpoints from before best_epoch was recorded
@@ -321,12 +396,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
     if resume and os.path.exists(last_path):
         net, extra = load_checkpoint(last_path)
         state = extra.get("train_state")
-        if not isinstance(state, dict):
-            raise ValueError(f"{last_path}: no training state in checkpoint; cannot resume")
-        for key, kind in (("config", dict), ("epoch", int), ("optimizer", dict)):
-            if not isinstance(state.get(key), kind):
-                raise ValueError(f"{last_path}: train_state has no valid {key!r}; cannot resume "
-                                 "from it (start over with --overwrite or another --out)")
+        _check_state(last_path, state)
         saved = state["config"]
         for key in ("arch", "dataset", "seed", "batch", "loss", "limit", "activation"):
             if saved.get(key) != cfg.to_json().get(key):
@@ -342,6 +412,8 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         history = list(state.get("history", []))
         best_epoch = _repair_best(last_path, best_path, state, log)
         run_id = state.get("run_id")
+        if run_id is None:  # legacy run: give it an id so no other legacy best.npz matches
+            run_id = _adopt_legacy_run(net, extra, last_path, best_path, best_epoch)
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         opt.load_state_dict(state["optimizer"])

@@ -283,3 +283,125 @@ def test_plot_without_matplotlib_is_found_before_training(tmp_path, monkeypatch,
     assert main(CLI + ["--out", str(out), "--plot"]) == 2
     assert capsys.readouterr().err == 'error: --plot needs matplotlib: pip install -e ".[plot]"\n'
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- 6. review fixes (R1-R6)
+
+def test_resume_without_last_keeps_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), epochs=1, **TINY), log=_quiet)
+    os.unlink(out / "last.npz")
+    before = _files(out)
+    with pytest.raises(RunDirError, match=rf"^--resume: --out {re.escape(str(out))} has no "
+                                          r"last.npz to resume from but holds an earlier run's "
+                                          r"best.npz, metrics.csv, metrics.jsonl; use --overwrite"):
+        train(TrainConfig(out=str(out), epochs=1, seed=3, **TINY), resume=True, log=_quiet)
+    assert _files(out) == before
+    assert main(CLI + ["--out", str(out), "--resume"]) == 2
+    assert "has no last.npz to resume from" in capsys.readouterr().err
+    assert _files(out) == before
+    # nothing of a run there: resuming starts one, as before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "notes.txt").write_text("mine")
+    logs = []
+    train(TrainConfig(out=str(fresh), epochs=1, **TINY), resume=True, log=logs.append)
+    assert any("starting from scratch" in s for s in logs) and (fresh / "best.npz").exists()
+
+
+def test_best_that_is_a_npy_file_counts_as_unreadable(tmp_path):
+    last, best = str(tmp_path / "last.npz"), str(tmp_path / "best.npz")
+    with open(best, "wb") as fh:
+        np.save(fh, np.arange(3))
+    assert train_mod._saved_state(best) is None
+    logs = []
+    # not the best epoch's checkpoint: left as it is, and said so
+    st = {"epoch": 1, "best_epoch": 0, "run_id": "r"}
+    _ckpt(last, **st)
+    kept = open(best, "rb").read()
+    assert train_mod._repair_best(last, best, st, logs.append) == 0
+    assert open(best, "rb").read() == kept
+    assert logs[-1].startswith(f"warning: {best} is unreadable, but the best epoch is 1")
+    # last.npz is the best epoch: its bytes are the best checkpoint
+    st = {"epoch": 1, "best_epoch": 1, "run_id": "r"}
+    _ckpt(last, **st)
+    assert train_mod._repair_best(last, best, st, logs.append) == 1
+    assert open(best, "rb").read() == open(last, "rb").read()
+
+
+@pytest.mark.parametrize("bad,what", [
+    ({"history": [{"vra": 0.1}, 3]}, "'history'"),
+    ({"history": [{"vra": None}]}, "'history'"),
+    ({"history": {"vra": 0.1}}, "'history'"),
+    ({"best_epoch": "0"}, "'best_epoch'"),
+    ({"best_epoch": 5}, "'best_epoch'"),
+    ({"best_epoch": True}, "'best_epoch'"),
+    ({"best_vra": None}, "'best_vra'"),
+    ({"epoch": -1}, "'epoch'"),
+    ({"run_id": 7}, "'run_id'"),
+])
+def test_malformed_train_state_is_refused_naming_the_file(tmp_path, bad, what):
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), epochs=3, stop_after=2, **TINY), log=_quiet)
+    last = out / "last.npz"
+    net, extra = load_checkpoint(str(last))
+    extra["train_state"].update(bad)
+    if "history" in bad or "best_epoch" in bad:
+        extra["train_state"]["best_epoch"] = bad.get("best_epoch")  # reach the history path
+    train_mod.save_checkpoint(net, str(last), extra)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(last))}: train_state has no valid "
+                                         rf"{re.escape(what)}"):
+        train(TrainConfig(out=str(out), epochs=3, **TINY), resume=True, log=_quiet)
+
+
+def test_replacing_best_from_another_run_is_documented():
+    doc = train_mod._repair_best.__doc__
+    assert "another run's" in doc and "locked" in doc
+
+
+def test_legacy_resume_gets_a_run_id(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), epochs=3, stop_after=1, **TINY), log=_quiet)
+    for name in ("last.npz", "best.npz"):  # as written before run_ids
+        net, extra = load_checkpoint(str(out / name))
+        extra["train_state"].pop("run_id")
+        train_mod.save_checkpoint(net, str(out / name), extra)
+    before = _params(out / "best.npz")
+    logs = []
+    train(TrainConfig(out=str(out), epochs=3, stop_after=2, **TINY), resume=True,
+          log=logs.append)
+    ids = {n: load_checkpoint(str(out / n))[1]["train_state"]["run_id"]
+           for n in ("last.npz", "best.npz")}
+    assert isinstance(ids["last.npz"], str) and ids["best.npz"] == ids["last.npz"]
+    # the adopted best.npz keeps its weights when epoch 2 did not improve on it
+    if load_checkpoint(str(out / "best.npz"))[1]["train_state"]["epoch"] == 0:
+        assert all(np.array_equal(a, b) for a, b in zip(_params(out / "best.npz"), before))
+    # a legacy best.npz of some other run no longer passes for this run's
+    _ckpt(str(out / "best.npz"), epoch=0)
+    logs.clear()
+    train(TrainConfig(out=str(out), epochs=3, stop_after=2, **TINY), resume=True,
+          log=logs.append)
+    assert any("is from another run" in s for s in logs)
+
+
+def test_refused_directory_gets_no_lock_file(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="is not empty"):
+        train(TrainConfig(out=str(out), epochs=1, **TINY), log=_quiet)
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_checkpoint_writes_fsync_the_directory(tmp_path, monkeypatch):
+    import stat
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    checkpoint.save_npz(tmp_path / "a.npz", {}, {"x": np.zeros(2)})
+    assert synced == [False, True]  # the file's data, then the directory's rename
+    checkpoint.copy_npz(tmp_path / "a.npz", tmp_path / "b.npz")
+    assert synced[2:] == [False, True]
