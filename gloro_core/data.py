@@ -25,8 +25,8 @@ Supported layouts (from a directory the user names):
 The class count is the dataset's own (:data:`NUM_CLASSES`), never inferred from the
 labels. Broken files (missing, truncated, corrupt gzip, bad magic number, no images,
 image/label count mismatch, a label outside [0, num_classes), non-integer labels, NaN
-pixels, an unknown image layout, a refused pickle global) raise :class:`DataError`
-(a ``ValueError``) with one line naming the file.
+pixels, an unknown image layout, a refused pickle global or opcode, a pickle nested
+too deep) raise :class:`DataError` (a ``ValueError``) with one line naming the file.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ import io
 import math
 import os
 import pickle
+import pickletools
+import reprlib
 import struct
 import zlib
 
@@ -219,6 +221,37 @@ class _Refused(Exception):
     """The restricted unpickler met something a CIFAR-10 batch never holds."""
 
 
+class _ShortRepr(reprlib.Repr):
+    """repr for values from a data file: bounded work and length whatever their size/shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxtuple, self.maxlist, self.maxdict = 2, 4, 4, 4
+        self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 4
+        self.maxstring = self.maxother = self.maxlong = 40
+
+    def repr_bytes(self, x, level):
+        # reprlib has no bytes case: its fallback would repr the whole value first
+        s = repr(bytes(x[:self.maxstring]))
+        return s if len(x) <= self.maxstring else s + "..."
+
+    repr_bytearray = repr_bytes
+
+    def repr_int(self, x, level):
+        # str() of an int past sys.get_int_max_str_digits() raises ValueError
+        if x.bit_length() > 128:
+            return f"<int of {x.bit_length()} bits>"
+        return repr(x)
+
+
+def _show(value) -> str:
+    """Short repr of an untrusted value (never the whole of a big or deep object)."""
+    try:
+        return _ShortRepr().repr(value)
+    except Exception:  # a stand-in's own repr cannot fail, but a message must not
+        return f"<{type(value).__name__}>"
+
+
 class _Allowed:
     """One global the restricted unpickler hands out, in place of the real object.
 
@@ -248,7 +281,7 @@ class _Uint8Dtype:
         # subarray and no fields (fields could hold object members).
         if (not isinstance(state, tuple) or len(state) < 5 or state[1] not in ("|", b"|")
                 or any(v is not None for v in state[2:5])):
-            raise _Refused(f"numpy dtype state {state!r:.80} is not that of plain uint8")
+            raise _Refused(f"numpy dtype state {_show(state)} is not that of plain uint8")
 
 
 class _PickledArray:
@@ -264,7 +297,7 @@ class _PickledArray:
         if self.array is not None:
             raise _Refused("pickle sets the state of a numpy array twice")
         if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise _Refused(f"numpy array state {state!r:.80} has an unknown form")
+            raise _Refused(f"numpy array state {_show(state)} has an unknown form")
         shape, dtype, fortran, raw = state[-4:]
         self.array = _uint8_array(raw, dtype, shape, "F" if fortran else "C")
 
@@ -272,27 +305,27 @@ class _PickledArray:
 def _uint8_array(raw, dtype, shape, order) -> np.ndarray:
     """uint8 array of ``shape`` from exactly prod(shape) bytes; nothing else is accepted."""
     if not isinstance(dtype, _Uint8Dtype):
-        raise _Refused(f"numpy array with dtype {dtype!r:.60} (only uint8 is read)")
+        raise _Refused(f"numpy array with dtype {_show(dtype)} (only uint8 is read)")
     if (not isinstance(shape, tuple) or len(shape) > 8
             or not all(type(s) is int and s >= 0 for s in shape)):
-        raise _Refused(f"numpy array shape {shape!r:.60} is not a tuple of sizes")
+        raise _Refused(f"numpy array shape {_show(shape)} is not a tuple of sizes")
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape):
-        raise _Refused(f"numpy array of shape {shape} without its {math.prod(shape)} "
-                       f"bytes of data")
+        raise _Refused(f"numpy array of shape {_show(shape)} without its "
+                       f"{_show(math.prod(shape))} bytes of data")
     if order not in ("C", "F"):
-        raise _Refused(f"numpy array order {order!r:.20}")
+        raise _Refused(f"numpy array order {_show(order)}")
     return np.frombuffer(raw, dtype=np.uint8).reshape(shape, order=order)
 
 
 def _np_reconstruct(subtype, shape, typecode):
     if subtype is not _NDARRAY or typecode not in ("b", b"b"):
-        raise _Refused(f"numpy _reconstruct of {subtype!r:.60} (only numpy.ndarray)")
+        raise _Refused(f"numpy _reconstruct of {_show(subtype)} (only numpy.ndarray)")
     return _PickledArray()
 
 
 def _np_dtype(spec, align=False, copy=True):
     if spec not in ("u1", b"u1"):
-        raise _Refused(f"numpy dtype {spec!r:.40} (only uint8 arrays are read)")
+        raise _Refused(f"numpy dtype {_show(spec)} (only uint8 arrays are read)")
     return _Uint8Dtype()
 
 
@@ -305,7 +338,7 @@ def _latin1_encode(text, encoding):
     # Python 3 writes bytes under protocols 0-2 as _codecs.encode(text, 'latin1'):
     # allowed for that and nothing else (other codecs decompress, transform, ...).
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode with {type(text).__name__}, {encoding!r:.20}")
+        raise _Refused(f"_codecs.encode with {type(text).__name__}, {_show(encoding)}")
     return text.encode("latin1")
 
 
@@ -339,8 +372,136 @@ class _CifarUnpickler(pickle.Unpickler):
         return allowed
 
 
+# Pre-scan of a CIFAR batch's opcodes (pickletools.genops decodes, executes nothing).
+# The unpickler runs no code of the file's choosing, but crafted opcodes could still
+# crash or exhaust it: a 200,000-deep tuple used as a dict key overflows the C stack in
+# its hash (a segfault), LONG_BINPUT 2**30 makes the C unpickler allocate a 16 GiB memo,
+# and DUP/GET can build a DAG whose repr or hash takes 2**depth steps. So only the
+# opcodes pickle.dump writes for a CIFAR batch under protocols 0-5 (and Python 2's
+# files) are allowed, nesting is bounded, memo indices are bounded by the file's own
+# size, and the memo may share only small objects.
+_PICKLE_MAX_DEPTH = 16  # a batch nests ~4 deep (dict > numpy state > shape tuple)
+_PICKLE_MAX_SHARED = 64  # expanded nodes a memo GET may share (numpy shares (0,), b"b")
+# push one value holding no other object
+_LEAF_OPS = frozenset({
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1",
+    "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+    "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+    "BYTEARRAY8"})
+_EMPTY_OPS = {"EMPTY_TUPLE": "tuple", "EMPTY_LIST": "list", "EMPTY_DICT": "dict"}
+_FROM_MARK_OPS = {"TUPLE": "tuple", "LIST": "list", "DICT": "dict"}
+_TUPLE_N_OPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+class _Value:
+    """What the scan knows of one stack value: its kind, nesting depth, expanded size."""
+
+    __slots__ = ("kind", "depth", "size")
+
+    def __init__(self, kind, depth=0, size=1):
+        # kind: "leaf" (number, str, bytes), "obj" (a global or what REDUCE made),
+        # "tuple", "list" or "dict"
+        self.kind, self.depth, self.size = kind, depth, size
+
+
+def _scan_cifar_pickle(raw: bytes) -> None:
+    """Raise _Refused if ``raw`` holds an opcode or shape no CIFAR batch pickle has."""
+    stack: list = []
+    marks: list[int] = []
+    memo: dict[int, _Value] = {}
+
+    def pop(n=1):
+        if len(stack) - (marks[-1] if marks else 0) < n:
+            raise _Refused("malformed pickle: stack underflow")
+        out = stack[len(stack) - n:]
+        del stack[len(stack) - n:]
+        return out
+
+    def pop_mark():
+        if not marks:
+            raise _Refused("malformed pickle: no MARK")
+        start = marks.pop()
+        out = stack[start:]
+        del stack[start:]
+        return out
+
+    def container(kind, items, pos):
+        v = _Value(kind, 1 + max((x.depth for x in items), default=0),
+                   1 + sum(x.size for x in items))
+        if v.depth > _PICKLE_MAX_DEPTH:
+            raise _Refused(f"pickle nests deeper than {_PICKLE_MAX_DEPTH} at byte {pos}")
+        return v
+
+    def add_to(target, kind, items, pos):
+        if target.kind != kind:
+            raise _Refused(f"pickle adds items to a {target.kind}, not a {kind}, at byte {pos}")
+        grown = container(kind, items, pos)  # the items as if in a fresh container
+        target.depth = max(target.depth, grown.depth)
+        target.size += grown.size - 1
+
+    nops = 0
+    for op, arg, pos in pickletools.genops(raw):
+        nops += 1
+        name = op.name
+        if name in _LEAF_OPS:
+            stack.append(_Value("leaf"))
+        elif name == "GLOBAL":
+            stack.append(_Value("obj"))
+        elif name == "STACK_GLOBAL":
+            if any(v.kind != "leaf" for v in pop(2)):
+                raise _Refused(f"malformed pickle: STACK_GLOBAL at byte {pos}")
+            stack.append(_Value("obj"))
+        elif name in _EMPTY_OPS:
+            stack.append(_Value(_EMPTY_OPS[name]))
+        elif name == "MARK":
+            marks.append(len(stack))
+        elif name in _FROM_MARK_OPS:
+            stack.append(container(_FROM_MARK_OPS[name], pop_mark(), pos))
+        elif name in _TUPLE_N_OPS:
+            stack.append(container("tuple", pop(_TUPLE_N_OPS[name]), pos))
+        elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS"):
+            items = {"APPEND": pop, "SETITEM": lambda: pop(2)}.get(name, pop_mark)()
+            target, = pop()
+            add_to(target, "list" if name.startswith("APPEND") else "dict", items, pos)
+            stack.append(target)
+        elif name == "REDUCE":
+            fn, args = pop(2)
+            if fn.kind != "obj" or args.kind != "tuple":
+                raise _Refused(f"pickle calls a {fn.kind} with a {args.kind} at byte {pos}")
+            stack.append(_Value("obj"))
+        elif name == "BUILD":
+            pop()  # the state: its own nesting was checked when it was built
+            if not stack or stack[-1].kind != "obj":
+                raise _Refused(f"pickle sets state on a non-object at byte {pos}")
+        elif name in _PUT_OPS:
+            idx = len(memo) if name == "MEMOIZE" else arg
+            # a pickler numbers its memo 0, 1, 2 ...: a larger index only makes the C
+            # unpickler allocate a memo of that size (LONG_BINPUT 2**30: 16 GiB)
+            if not 0 <= idx <= nops or not stack:
+                raise _Refused(f"pickle memo index {_show(idx)} at byte {pos} is out of range")
+            memo[idx] = stack[-1]
+        elif name in _GET_OPS:
+            v = memo.get(arg)
+            if v is None:
+                raise _Refused(f"pickle reads memo entry {_show(arg)}, never stored, at byte {pos}")
+            # sharing a list/dict, or a big tuple, is what makes a DAG whose repr and
+            # hash take time exponential in its depth; batches share only globals,
+            # strings, dtypes and tiny tuples
+            if v.kind in ("list", "dict") or v.size > _PICKLE_MAX_SHARED:
+                raise _Refused(f"pickle shares a {v.kind} of {v.size} nodes at byte {pos} "
+                               "(a CIFAR-10 batch shares no list, dict or big tuple)")
+            stack.append(v)
+        elif name in ("PROTO", "FRAME", "STOP"):
+            pass
+        else:  # DUP, POP, INST/OBJ/NEWOBJ, sets, extension codes, persistent ids, buffers
+            raise _Refused(f"pickle opcode {name} at byte {pos}: a CIFAR-10 batch never "
+                           "holds it")
+
+
 def _label_error(path: str, i: int, value, num_classes: int, name: str) -> DataError:
-    return DataError(f"{path}: label {value} at index {i} is outside [0, {num_classes}) "
+    return DataError(f"{path}: label {_show(value)} at index {i} is outside [0, {num_classes}) "
                      f"({name} has {num_classes} classes)")
 
 
@@ -357,6 +518,11 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as fh:
         raw = fh.read()
     try:
+        try:
+            _scan_cifar_pickle(raw)
+        except (ValueError, struct.error, EOFError, OverflowError) as exc:
+            # genops' own complaint: unknown opcode, truncated argument ...
+            raise _Refused(f"not a readable CIFAR-10 batch (corrupt pickle: {exc})") from None
         d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _Refused as exc:
         raise DataError(f"{path}: {exc}") from None
@@ -370,7 +536,7 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
-        raise DataError(f"{path}: missing 'data' or 'labels' entry (keys: {list(d)!r:.200})")
+        raise DataError(f"{path}: missing 'data' or 'labels' entry (keys: {_show(list(d))})")
     if isinstance(data, _PickledArray):
         data = data.array
     if isinstance(labels, _PickledArray):
@@ -387,7 +553,7 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         for i, v in enumerate(labels):
             if type(v) is not int:  # a float label would be truncated, a bool is no class
                 raise DataError(f"{path}: labels must be integers, found "
-                                f"{type(v).__name__} {v!r:.40} at index {i}")
+                                f"{type(v).__name__} {_show(v)} at index {i}")
     else:
         raise DataError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}")
     if len(labels) != data.shape[0]:

@@ -7,7 +7,11 @@ import builtins
 import gzip
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -467,3 +471,137 @@ def test_idx_dims_whose_int64_product_wraps(tmp_path):
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated: header promises "
                                         r"18446744073709551616 bytes"):
         data.load_dataset("mnist", str(tmp_path))
+
+
+# ---------------------------------------------------------------- 5. crafted pickles that
+# run no code but crash or exhaust the reader (a segfault, a huge memo, exponential repr)
+
+_READER = """
+import resource, sys, time
+from gloro_core.data import _read_cifar_batch, DataError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+try:
+    _read_cifar_batch(sys.argv[1])
+    print("LOADED")
+except DataError as exc:
+    print("DataError:", str(exc)[:300])
+print("seconds", time.perf_counter() - t)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def _read_in_subprocess(path, timeout=60):
+    """Read a batch in a child: a segfault or a hang shows as a failure, not a dead pytest."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _READER, str(path)], cwd=root,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": root})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} took over {timeout} s")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    return out.get("DataError:", out.get("LOADED")), float(out["seconds"]), int(out["grew_kb"])
+
+
+def _batch_prefix(n=2):
+    """A protocol-4 batch with its dict still open on the stack, ready for more items."""
+    raw = pickle.dumps({b"data": np.zeros((n, 3072), np.uint8)}, protocol=4)
+    assert raw.endswith(b"s.")
+    return raw[:-1]
+
+
+def _labels_holding(item: bytes) -> bytes:
+    """labels = [0, item]: SHORT_BINBYTES key, EMPTY_LIST, APPEND x2, SETITEM, STOP."""
+    return _batch_prefix() + b"C\x06labels]K\x00a" + item + b"as."
+
+
+def test_deep_tuple_dict_key_is_refused_not_a_segfault(tmp_path):
+    """S1: hashing a 200,000-deep tuple key overflowed the C stack (exit 139)."""
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x04}" + b"N" + b"\x85" * 200000 + b"K\x00s.")
+    msg, seconds, _ = _read_in_subprocess(p)
+    assert msg.startswith(f"{p}: pickle nests deeper than 16"), msg
+    assert seconds < 1
+
+
+def test_huge_memo_index_is_refused_before_allocating(tmp_path):
+    """S2: LONG_BINPUT 2**25 made the C unpickler allocate a 557 MB memo (2**30: 16 GiB)."""
+    p = tmp_path / "data_batch_1"
+    for idx in (2 ** 25, 2 ** 32 - 1):
+        p.write_bytes(b"\x80\x02}r" + struct.pack("<I", idx) + b".")
+        msg, seconds, grew_kb = _read_in_subprocess(p)
+        assert msg == f"{p}: pickle memo index {idx} at byte 3 is out of range", msg
+        assert seconds < 1 and grew_kb < 32 * 1024, (seconds, grew_kb)
+    # a GET of an entry never PUT is refused too (the C unpickler's error, said by us)
+    p.write_bytes(b"\x80\x02}h\x07.")
+    with pytest.raises(DataError, match=r"pickle reads memo entry 7, never stored"):
+        data._read_cifar_batch(str(p))
+
+
+def test_deeply_nested_label_is_a_data_error(tmp_path):
+    """S3: a 200,000-deep tuple among the labels: the message's repr raised RecursionError."""
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(_labels_holding(b"N" + b"\x85" * 200000))
+    with pytest.raises(DataError, match=r"data_batch_1: pickle nests deeper than 16 at byte"):
+        data._read_cifar_batch(str(p))
+    # 16 deep in all (dict > list > 14 tuples) passes the scan, then is refused as a
+    # label, in a short message
+    p.write_bytes(_labels_holding(b"N" + b"\x85" * 14))
+    with pytest.raises(DataError, match=r"labels must be integers, found tuple \(\(\(\.\.\.\),\),\) "
+                                        r"at index 1$"):
+        data._read_cifar_batch(str(p))
+
+
+def test_dag_labels_and_keys_are_refused_quickly(tmp_path):
+    """S4: (x, x) pairs, 40 deep: repr and hash of that DAG take 2**40 steps."""
+    d = 40
+    p = tmp_path / "data_batch_1"
+    dup_dag = b")" + b"2\x86" * d  # EMPTY_TUPLE, then d times DUP + TUPLE2
+    # the same DAG through the memo: BINPUT i, BINGET i, BINGET i, TUPLE2
+    memo_dag = b")" + b"".join(b"q" + bytes([i]) + (b"h" + bytes([i])) * 2 + b"\x86"
+                               for i in range(16, 16 + d))
+    cases = [(_labels_holding(dup_dag), r"pickle opcode DUP at byte \d+: a CIFAR-10 batch"),
+             (_batch_prefix() + dup_dag + b"K\x00s.", r"pickle opcode DUP"),
+             (_labels_holding(memo_dag), r"pickle shares a tuple of \d+ nodes at byte \d+"),
+             (_batch_prefix() + memo_dag + b"K\x00s.", r"pickle shares a tuple of \d+ nodes")]
+    for raw, refused in cases:
+        p.write_bytes(raw)
+        msg, seconds, _ = _read_in_subprocess(p, timeout=30)
+        assert re.match(re.escape(f"{p}: ") + refused, msg), msg
+        assert seconds < 0.5, seconds
+
+
+@pytest.mark.parametrize("obj, refused2, refused4", [
+    (frozenset([1]), r"refused global __builtin__\.frozenset", r"pickle opcode FROZENSET at byte"),
+    ({1}, r"refused global __builtin__\.set", r"pickle opcode EMPTY_SET at byte"),
+])
+def test_opcodes_a_batch_never_holds_are_refused(tmp_path, obj, refused2, refused4):
+    p = tmp_path / "data_batch_1"
+    for protocol, refused in ((2, refused2), (4, refused4), (5, refused4)):
+        p.write_bytes(pickle.dumps({**_batch_dict(2, np.random.default_rng(14)),
+                                    b"labels": obj}, protocol=protocol))
+        with pytest.raises(DataError, match=r"data_batch_1: " + refused):
+            data._read_cifar_batch(str(p))
+    for op in (b"\x81", b"i__main__\nX\n", b"\x92", b"0", b"P0\n"):  # NEWOBJ INST NEWOBJ_EX POP PERSID
+        p.write_bytes(_batch_prefix() + op + b"s.")
+        with pytest.raises(DataError, match=r"data_batch_1: pickle opcode [A-Z_]+ at byte \d+: "
+                                            r"a CIFAR-10 batch never holds it"):
+            data._read_cifar_batch(str(p))
+
+
+def test_messages_about_file_values_stay_short(tmp_path):
+    """A 10 MB label, or keys holding one, is named in a bounded message, quickly."""
+    big = b"x" * 10_000_000
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(_labels_holding(b"B" + struct.pack("<I", len(big)) + big))
+    t = time.perf_counter()
+    with pytest.raises(DataError, match=r"found bytes b'x{40}'\.\.\. at index 1$") as exc:
+        data._read_cifar_batch(str(p))
+    assert time.perf_counter() - t < 2 and len(str(exc.value)) < 200 + len(str(p))
+    # no 'labels' entry: the keys are listed, each cut short
+    p.write_bytes(b"\x80\x04}B" + struct.pack("<I", len(big)) + big + b"K\x00s.")
+    with pytest.raises(DataError, match=r"missing 'data' or 'labels' entry \(keys: "
+                                        r"\[b'x{40}'\.\.\.\]\)$"):
+        data._read_cifar_batch(str(p))
