@@ -79,7 +79,7 @@ def _data_args(p, default_dataset=None):
 
 def _common(p):
     p.add_argument("--backend", default=None,
-                   help="kernel backend (sets GLORO_BACKEND): numpy, numba, reference, cupy, "
+                   help="kernel backend (as GLORO_BACKEND does): numpy, numba, reference, cupy, "
                         "numba_cuda")
     p.add_argument("--seed", type=int, default=0)
 
@@ -414,10 +414,11 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "attack": cmd_attack,
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.backend:
-        os.environ["GLORO_BACKEND"] = args.backend
+    from kernels.registry import default_backend
+
     try:
-        return COMMANDS[args.command](args)
+        with default_backend(args.backend or None):   # not os.environ: other libraries read it
+            return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,12 +5,14 @@ lazily, on first use, inside try/except: a backend whose imports fail (no CuPy,
 no CUDA driver) is reported as unavailable with the reason, and nothing else
 is affected.
 
-Selection order for a call: the ``backend=`` argument, then the environment
-variable ``GLORO_BACKEND`` (for arrays of the matching kind), then the array
+Selection order for a call: the ``backend=`` argument, then the default set by
+:func:`default_backend` (the command line's ``--backend``), then the environment
+variable ``GLORO_BACKEND`` (both for arrays of the matching kind), then the array
 type: NumPy arrays go to the fastest CPU backend, CuPy arrays to ``cupy``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -113,11 +115,30 @@ def array_module(x):
     return numpy
 
 
+_DEFAULT: str | None = None   # see default_backend
+
+
+@contextlib.contextmanager
+def default_backend(name: str | None):
+    """Within the block, calls without ``backend=`` use ``name`` for arrays of its device.
+
+    What ``GLORO_BACKEND`` does, without writing the process environment that other
+    libraries read (the CLI's ``--backend``); the previous default comes back after."""
+    global _DEFAULT
+    if name is not None and name not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKEND_MODULES)}")
+    prev, _DEFAULT = _DEFAULT, name
+    try:
+        yield
+    finally:
+        _DEFAULT = prev
+
+
 def select(op: str, like, backend: str | None = None) -> str:
     """Name of the backend that runs ``op`` for an array like ``like``."""
     device = "gpu" if is_gpu_array(like) else "cpu"
     if backend is None:
-        env = os.environ.get(ENV_VAR)
+        env = _DEFAULT or os.environ.get(ENV_VAR)
         if env and env in BACKEND_MODULES and device_of(env) == device:
             backend = env
         elif env and env not in BACKEND_MODULES:

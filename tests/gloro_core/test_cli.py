@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gloro_core.cli import build_parser, main
@@ -90,12 +91,24 @@ def test_help_subprocess():
 
 
 def test_backend_flag(tmp_path, monkeypatch):
+    """--backend selects the kernels for the run without writing os.environ (which other
+    libraries in the process read), and the default is back afterwards."""
+    from kernels import registry
+
     monkeypatch.delenv("GLORO_BACKEND", raising=False)
+    chosen = []
+    select = registry.select
+    monkeypatch.setattr(registry, "select", lambda op, like, backend=None: chosen.append(
+        select(op, like, backend)) or chosen[-1])
+    env = dict(os.environ)
     args = TRAIN[:]
     args[args.index("--epochs") + 1] = "1"
     assert main(args + ["--out", str(tmp_path / "b"), "--backend", "reference",
                         "--limit", "32"]) == 0
-    assert os.environ["GLORO_BACKEND"] == "reference"
+    assert chosen and set(chosen) == {"reference"}
+    assert dict(os.environ) == env and registry._DEFAULT is None
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    assert registry.select("conv2d", x) == registry._default_cpu("conv2d", x) != "reference"
 
 
 def test_device_gpu_without_a_gpu_is_a_clear_error(tmp_path, capsys):
