@@ -112,18 +112,29 @@ class Dataset:
 
 # ---------------------------------------------------------------- IDX (MNIST family)
 
+# A gzip file may expand ~1000x: decompress at most this much (the largest MNIST-family
+# file, train images, is 47 MB unpacked).
+MAX_GUNZIP_BYTES = 1 << 30
+
+
 def _read_bytes(path: str) -> bytes:
-    """Whole file, gunzipped if it is gzip (by magic bytes, not by name)."""
+    """Whole file, gunzipped if it is gzip (by magic bytes, not by name), to at most
+    MAX_GUNZIP_BYTES unpacked (a DataError beyond: a small file must not fill memory)."""
+    limit = MAX_GUNZIP_BYTES
     if not os.path.isfile(path):
         raise DataError(f"missing file: {path}")
     with open(path, "rb") as fh:
         raw = fh.read()
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as gz:
+                raw = gz.read(limit + 1)
         # zlib.error: a damaged deflate stream (not an OSError); EOFError: cut short.
         except (EOFError, OSError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        if len(raw) > limit:
+            raise DataError(f"{path}: gzip data unpacks to more than {limit} bytes "
+                            f"(the limit for one data file); refusing it")
     return raw
 
 

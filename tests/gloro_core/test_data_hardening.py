@@ -463,6 +463,26 @@ def test_corrupt_gzip_idx_is_a_data_error(tmp_path):
         data.load_dataset("mnist", str(tmp_path))
 
 
+def test_gzip_bomb_is_refused_without_unpacking_it(tmp_path, monkeypatch):
+    """A small .gz that unpacks past the limit is refused after reading only the limit
+    (the limit is lowered here: the real one, 1 GiB, would take a while to reach)."""
+    import tracemalloc
+
+    _write_idx_dir(tmp_path)
+    os.remove(tmp_path / "train-images-idx3-ubyte")
+    bomb = gzip.compress(struct.pack(">IIII", 2051, 100000, 28, 28) + bytes(64 << 20), 9)
+    assert len(bomb) < 100_000
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    monkeypatch.setattr(data, "MAX_GUNZIP_BYTES", 1 << 20)
+    tracemalloc.start()
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: gzip data unpacks to more "
+                                        r"than 1048576 bytes"):
+        data.load_dataset("mnist", str(tmp_path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
 def test_idx_dims_whose_int64_product_wraps(tmp_path):
     """2^31 * 2^31 * 4 = 2^64, which np.prod(int64) made 0: an empty body then passed."""
     _write_idx_dir(tmp_path)
