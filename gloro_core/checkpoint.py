@@ -21,8 +21,10 @@ moved over the target with ``os.replace``; a failed save leaves any old file unt
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -123,6 +125,38 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
+# compressed members may unpack to at most this many bytes in all (np.savez, which we
+# write, stores them uncompressed: their size is the file's own)
+MAX_INFLATED_BYTES = 1 << 30
+
+
+def _check_member_sizes(z) -> None:
+    """Refuse an npz whose arrays would allocate more than the file holds, before reading.
+
+    np.load allocates an array of its header's shape first and then reads into it, so a
+    few bytes declaring (10**6, 10**6) asked for terabytes; and a deflated member may
+    declare any unpacked size. Each header's shape must fit in its member's unpacked size,
+    and deflated members together may unpack to MAX_INFLATED_BYTES at most."""
+    inflated = 0
+    for info in z.zip.infolist():
+        if info.compress_type != 0:
+            inflated += info.file_size
+            if inflated > MAX_INFLATED_BYTES:
+                raise ValueError(f"compressed arrays unpack to more than {MAX_INFLATED_BYTES} bytes")
+        with z.zip.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"{info.filename}: unsupported .npy format version {version}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise ValueError(f"{info.filename}: header declares shape {shape} of {dtype} "
+                             f"({nbytes} bytes) but the member holds {info.file_size} bytes")
+
+
 def load_npz(path):
     """Read a ``gloro-npz/1`` file: returns (meta dict, {name: array}, extra).
 
@@ -130,8 +164,11 @@ def load_npz(path):
     bad JSON, unknown format. Shapes are checked by the model loader.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # np.load would read a .npy whole
+        raise ValueError(f"{path}: not a readable .npz checkpoint (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
+            _check_member_sizes(z)
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise

@@ -224,3 +224,40 @@ def test_save_npz_rejects_non_json(tmp_path):
     with pytest.raises(TypeError):
         checkpoint.save_npz(tmp_path / "x.npz", {"a": {1, 2}}, {})
     assert not os.listdir(tmp_path)
+
+
+def test_npz_whose_headers_ask_for_more_than_the_file_holds(tmp_path):
+    """np.load allocates an array of the header's shape before reading: a member declaring
+    (10**5, 10**5) float64 (80 GB) in a few bytes, or a deflated member unpacking past the
+    limit, is refused before anything is allocated."""
+    import tracemalloc
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1,)))
+    header["shape"] = (10 ** 5, 10 ** 5)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as zf:
+        with zf.open("meta.npy", "w") as fh:
+            np.lib.format.write_array(fh, np.array('{"format": "gloro-npz/1"}'))
+        with zf.open("param.0.weight.npy", "w") as fh:
+            np.lib.format.write_array_header_1_0(fh, header)
+            fh.write(b"\0" * 64)
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"bomb\.npz: .*param\.0\.weight\.npy: header declares shape "
+                                         r"\(100000, 100000\)"):
+        checkpoint.load_npz(bomb)
+    assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    tracemalloc.stop()
+    squeezed = tmp_path / "squeezed.npz"
+    np.savez_compressed(squeezed, meta=np.array('{"format": "gloro-npz/1"}'), big=np.zeros(1 << 21))
+    saved = checkpoint.MAX_INFLATED_BYTES
+    try:
+        checkpoint.MAX_INFLATED_BYTES = 1 << 20
+        with pytest.raises(ValueError, match=r"compressed arrays unpack to more than 1048576 bytes"):
+            checkpoint.load_npz(squeezed)
+    finally:
+        checkpoint.MAX_INFLATED_BYTES = saved
+    assert checkpoint.load_npz(squeezed)[1]["big"].shape == (1 << 21,)   # under the real limit
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"plain\.npy: not a readable \.npz checkpoint \(not a zip"):
+        checkpoint.load_npz(tmp_path / "plain.npy")
