@@ -211,10 +211,24 @@ def _load_run(args):
             what = f"reading {name} from {data_dir or 'its default location'}"
         print(f"note: {what} ({' and '.join(saved)} saved in the checkpoint {path})",
               file=sys.stderr)
-    shape = args.synthetic_shape or tuple(cfg.get("synthetic_shape", (1, 28, 28)))
-    ds = data_mod.load_dataset(name, data_dir, seed=cfg.get("seed", args.seed),
-                               synthetic_shape=shape,
-                               synthetic_n=tuple(cfg.get("synthetic_n", (2048, 512))))
+    from .model import _check_int
+
+    def saved_ints(key, default, count):
+        """cfg[key] (the checkpoint's) as `count` positive ints, or a ValueError naming it."""
+        v = cfg.get(key, default)
+        try:
+            vals = [_check_int(t, key) for t in (v if isinstance(v, (list, tuple)) else [v])]
+        except TypeError as exc:
+            raise ValueError(f"{path}: train_state.config.{key}: {exc}") from None
+        if len(vals) != count or min(vals) < (0 if key == "seed" else 1):
+            raise ValueError(f"{path}: train_state.config.{key} must be {count} "
+                             f"{'int' if key == 'seed' else 'positive int'}(s), got {v!r:.60}")
+        return tuple(vals)
+
+    shape = args.synthetic_shape or saved_ints("synthetic_shape", (1, 28, 28), 3)
+    seed = saved_ints("seed", args.seed, 1)[0]
+    ds = data_mod.load_dataset(name, data_dir, seed=seed, synthetic_shape=shape,
+                               synthetic_n=saved_ints("synthetic_n", (2048, 512), 2))
     x, y = ds.x_test, ds.y_test
     if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]

@@ -107,6 +107,20 @@ def test_checkpoint_eps_is_validated(tmp_path, capsys):
     assert str(p) in err and "eps" in err
 
 
+@pytest.mark.parametrize("key, value", [("synthetic_n", 5), ("synthetic_n", [32, 0]), ("synthetic_shape", [1, "8"]),
+                                        ("synthetic_shape", [1, 8]), ("seed", 1.5), ("seed", -1)])
+def test_checkpoint_dataset_settings_are_validated(tmp_path, capsys, key, value):
+    """The evaluation commands take seed and synthetic sizes from the checkpoint: a bad one
+    is a one-line error naming the file and key (synthetic_n 5 was a TypeError traceback)."""
+    cfg = {"dataset": "synthetic", "synthetic_shape": list(SHAPE), "synthetic_n": [32, 16], "eps": 0.3}
+    cfg[key] = value
+    p = tmp_path / "m.npz"
+    _net10().save(p, extra={"train_state": {"config": cfg}})
+    assert main(["certify", str(p), "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}: train_state.config.{key}" in err and len(err.strip().splitlines()) <= 2
+
+
 # ---------------------------------------------------------------- 3: integer images
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.int32, bool])
