@@ -31,7 +31,7 @@ def _ratio(net, x1, x2):
 
     d = F.sub(_tensor_logits(net, x1), _tensor_logits(net, x2))
     spread = F.sub(F.max(d, axis=1), F.min(d, axis=1))
-    dist = F.l2_norm(F.sub(x1, x2), axis=(1, 2, 3))
+    dist = F.l2_norm(F.sub(x1, x2), axis=tuple(range(1, x1.ndim)))   # (C, H, W) or (features,)
     return F.div(spread, dist)
 
 
@@ -40,14 +40,20 @@ def _project_ball(z, centre, eps):
     delta = z - centre
     n = np.sqrt((delta.reshape(len(z), -1).astype(np.float64) ** 2).sum(1))
     scale = np.where(n > eps, eps / np.maximum(n, 1e-30), 1.0).astype(z.dtype)
-    return centre + delta * scale.reshape(-1, 1, 1, 1)
+    return centre + delta * _per_row(scale, z)
+
+
+def _per_row(v, like):
+    """(B,) -> broadcastable against ``like`` (B, ...), whatever its number of axes."""
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _ascend(net, x1, x2, steps, lr, project=None):
     """Adam ascent of L over (x1, x2); returns the best L per pair seen at any step."""
     from nn.tensor import Tensor
 
-    x1, x2 = x1.astype(np.float32).copy(), x2.astype(np.float32).copy()
+    dt = net.dtype   # the model's own: nn does not mix float32 inputs with float64 weights
+    x1, x2 = x1.astype(dt), x2.astype(dt)
     best = np.full(len(x1), -np.inf)
     m = [np.zeros_like(x1), np.zeros_like(x2)]
     v = [np.zeros_like(x1), np.zeros_like(x2)]
@@ -62,12 +68,12 @@ def _ascend(net, x1, x2, steps, lr, project=None):
             break
         r.sum().backward()
         for k, (z, tz) in enumerate(((x1, t1), (x2, t2))):
-            g = np.asarray(tz.grad, np.float32)
+            g = np.asarray(tz.grad, dt)
             g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             step = lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + e)
-            z += step.astype(np.float32)  # ascent
+            z += step.astype(dt)  # ascent
         if project is not None:
             x1, x2 = project(x1), project(x2)
         # keep the pair apart: a zero distance has no defined ratio
@@ -87,12 +93,11 @@ def global_lower_bound(net, x: np.ndarray, pairs: int = 64, steps: int = 100,
     for s in range(0, pairs, batch):
         b = min(batch, pairs - s)
         i1 = rng.integers(0, len(x), b)
-        a = x[i1].astype(np.float32)
+        a = x[i1].astype(net.dtype)
         # half the pairs: two data points; half: a point and a small random displacement
         i2 = rng.integers(0, len(x), b)
-        near = a + 0.05 * rng.standard_normal(a.shape).astype(np.float32)
-        c = np.where((np.arange(b) % 2 == 0).reshape(-1, 1, 1, 1), x[i2].astype(np.float32),
-                     near)
+        near = a + 0.05 * rng.standard_normal(a.shape).astype(net.dtype)
+        c = np.where(_per_row(np.arange(b) % 2 == 0, a), x[i2].astype(net.dtype), near)
         same = np.all((a - c).reshape(b, -1) == 0, axis=1)
         c[same] += 1e-2
         best = max(best, float(_ascend(net, a, c, steps, lr).max()))
@@ -107,9 +112,9 @@ def local_lower_bound(net, x: np.ndarray, eps: float, steps: int = 100, lr: floa
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x10C]))
     out = []
     for s in range(0, len(x), batch):
-        c = x[s:s + batch].astype(np.float32)
-        u = rng.standard_normal(c.shape).astype(np.float32)
-        u /= np.sqrt((u.reshape(len(c), -1) ** 2).sum(1)).reshape(-1, 1, 1, 1)
+        c = x[s:s + batch].astype(net.dtype)
+        u = rng.standard_normal(c.shape).astype(net.dtype)
+        u /= _per_row(np.sqrt((u.reshape(len(c), -1) ** 2).sum(1)), u)
         x1 = c + 0.5 * eps * u
         x2 = c - 0.5 * eps * u
 

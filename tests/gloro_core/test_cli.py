@@ -121,3 +121,25 @@ def test_device_gpu_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "g"), "--device", "gpu", "--limit", "32"]) == 2
     assert "--device gpu needs CuPy and a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "g" / "last.npz").exists()
+
+
+def test_lipschitz_on_float64_and_dense_input_nets(tmp_path, capsys):
+    """`lipschitz` assumed float32 and (C, H, W) inputs: a float64 net raised TypeError and
+    a (features,) net ValueError. Both now give lower bounds below the provable upper one."""
+    from gloro_core import lower_bounds
+    from gloro_core.model import GloroNet
+
+    net = GloroNet((1, 6, 6), 3, [{"type": "conv", "filters": 4, "kernel": 3, "stride": 2},
+                                  {"type": "dense", "units": 3}], dtype=np.float64, eps=0.1, seed=3)
+    p = tmp_path / "f64.npz"
+    net.save(p, extra={"train_state": {"config": {"dataset": "synthetic", "synthetic_shape": [1, 6, 6],
+                                                  "synthetic_n": [16, 8], "eps": 0.1}}})
+    assert main(["lipschitz", str(p), "--json", "--pairs", "4", "--points", "2", "--steps", "5"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < res["global_lower_bound"] <= res["margin_upper_provable"] * (1 + 1e-9)
+    dense = GloroNet((7,), 3, [{"type": "dense", "units": 6}, {"type": "dense", "units": 3}], eps=0.1, seed=4)
+    x = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    upper = lower_bounds.upper_bounds(dense)["margin_upper_provable"]
+    g = lower_bounds.global_lower_bound(dense, x, pairs=4, steps=5)
+    loc = lower_bounds.local_lower_bound(dense, x, 0.1, steps=5)
+    assert 0 < g <= upper * (1 + 1e-5) and loc.shape == (5,) and np.all(loc <= upper * (1 + 1e-5))
