@@ -234,9 +234,7 @@ def _load_run(args):
         x, y = x[:args.limit], y[:args.limit]
     if args.eps is not None:
         return net, cfg, path, x, y, args.eps
-    eps = cfg.get("eps")
-    if eps is None:
-        raise SystemExit("error: --eps is needed (the checkpoint does not record one)")
+    eps = cfg.get("eps", net.eps)   # the run's test eps; net.eps is it too (or the only one saved)
     from .model import _check_eps
 
     try:

@@ -1,6 +1,8 @@
 """The GloRo net: a conv/dense network f, its Lipschitz bounds and the ⊥ logit.
 
-``GloroNet(input_shape, num_classes, layers, activation, init, eps, variant, seed, dtype)``
+``GloroNet(input_shape, num_classes, layers, activation, init, eps, variant, seed, dtype,
+power_iters, lam, eps_train)``: eps is the radius certified by default, eps_train (default
+eps) the one the loss uses by default.
 
 * ``layers``: the checkpoint's layer-spec list, final dense included, e.g.
   ``[{"type": "conv", "filters": 16, "kernel": 4, "stride": 2, "padding": "same"},
@@ -174,7 +176,7 @@ class GloroNet:
 
     def __init__(self, input_shape, num_classes, layers, activation="relu", init="glorot_uniform",
                  eps=0.3, variant="margin", seed=0, dtype=np.float32, power_iters=DEFAULT_POWER_ITERS,
-                 lam=1.0, _init_params=True):
+                 lam=1.0, eps_train=None, _init_params=True):
         self.input_shape = _check_input_shape(input_shape)
         self.num_classes = _check_num_classes(num_classes)
         # isinstance first: a list or dict (e.g. from a checkpoint's meta) is unhashable
@@ -195,7 +197,9 @@ class GloroNet:
         if self.seed < 0 or self.power_iters < 0:
             raise ValueError(f"seed and power_iters must be >= 0, got {seed} and {power_iters}")
         self.activation, self.init, self.variant = activation, INITS[init], variant
+        # eps: the radius certified by default (eps_test); eps_train: the loss's default
         self.eps = _check_eps(eps)
+        self.eps_train = self.eps if eps_train is None else _check_real(eps_train, "eps_train")
         self.lam = _check_real(lam, "lam")
         self.layers, self.ops = _normalise_specs(layers, self.input_shape, self.num_classes, activation)
         self.extra = {}
@@ -358,20 +362,22 @@ class GloroNet:
         return k
 
     def gloro_logits_tensor(self, x, eps=None) -> Tensor:
-        """Differentiable (n, m+1) GloRo logits with the training K (no power steps)."""
-        eps = self.eps if eps is None else _check_eps(eps)
+        """Differentiable (n, m+1) GloRo logits with the training K (no power steps);
+        eps defaults to eps_train."""
+        eps = self.eps_train if eps is None else _check_eps(eps)
         y = self.forward(x)
         return losses.gloro_logits(y, self.params[-1][0], self.k_sub_tensor(), eps, self.variant)
 
     def loss(self, x, y, loss="ce", eps=None, lam=None, power_iters=None, trades_form="kl") -> Tensor:
-        """Scalar training loss (nn Tensor). Runs ``power_iters`` power steps first.
+        """Scalar training loss (nn Tensor) at eps (default eps_train). Runs ``power_iters``
+        power steps first.
 
         loss "ce": CE on the m+1 GloRo logits; "trades": CE(f(x), y) + lam * L(f̄(x), softmax f(x))
         with L = KL (trades_form="kl") or CE ("ce").
         """
         if loss not in ("ce", "trades"):
             raise ValueError(f"loss must be 'ce' or 'trades', got {loss!r}")
-        eps = self.eps if eps is None else _check_eps(eps)
+        eps = self.eps_train if eps is None else _check_eps(eps)
         iters = self.power_iters if power_iters is None else int(power_iters)
         xd, _ = self._check_x(x)
         lab = self._check_labels(y, xd.shape[0])
@@ -694,7 +700,7 @@ class GloroNet:
                                       "tol", "k_sub_power", "k_sub_provable")}
         return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "activation": self.activation, "layers": [dict(s) for s in self.layers],
-                "eps": self.eps, "variant": self.variant, "init": self.init, "seed": self.seed,
+                "eps": self.eps, "eps_train": self.eps_train, "variant": self.variant, "init": self.init, "seed": self.seed,
                 "dtype": str(self.dtype), "power_iters": self.power_iters, "lam": self.lam,
                 "provable_method": self.provable_method, "lipschitz": lip}
 
@@ -719,6 +725,21 @@ def _meta_error(path, exc) -> ValueError:
     if isinstance(exc, KeyError):
         return ValueError(f"{path}: meta lacks key {exc.args[0]!r}")
     return ValueError(f"{path}: bad meta: {exc}")
+
+
+def _saved_radii(meta, extra) -> tuple:
+    """(eps, eps_train) of a checkpoint. Files written before eps_train was recorded hold
+    the *training* eps in meta["eps"]; their test eps is the training config's, if any."""
+    if "eps_train" in meta:
+        return meta["eps"], meta["eps_train"]
+    state = extra.get("train_state") if isinstance(extra, dict) else None
+    cfg = state.get("config") if isinstance(state, dict) else None
+    test = cfg.get("eps") if isinstance(cfg, dict) else None
+    try:
+        test = _check_eps(test) if test is not None else meta["eps"]
+    except (TypeError, ValueError):   # the evaluation commands report a bad config eps
+        test = meta["eps"]
+    return test, meta["eps"]
 
 
 def load(path) -> GloroNet:
@@ -746,9 +767,11 @@ def load(path) -> GloroNet:
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{path}: array {key!r} contains NaN or inf")
     try:
+        eps, eps_train = _saved_radii(meta, extra)
         net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
                        activation=meta["activation"], init=meta.get("init", "glorot_uniform"),
-                       eps=meta["eps"], variant=meta.get("variant", "margin"), seed=meta.get("seed", 0),
+                       eps=eps, eps_train=eps_train, variant=meta.get("variant", "margin"),
+                       seed=meta.get("seed", 0),
                        dtype=meta.get("dtype", "float32"),
                        power_iters=meta.get("power_iters", DEFAULT_POWER_ITERS), lam=meta.get("lam", 1.0),
                        _init_params=False)

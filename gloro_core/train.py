@@ -423,7 +423,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         if resume:
             log(f"--resume: no checkpoint at {last_path}; starting from scratch")
         net = build(cfg.arch, ds.input_shape, ds.num_classes, activation=cfg.activation,
-                    init=cfg.init, eps=cfg.train_eps, seed=cfg.seed)
+                    init=cfg.init, eps=cfg.eps, eps_train=cfg.train_eps, seed=cfg.seed)
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         if run.overwrite:  # the new run is ready: only now does the old one go

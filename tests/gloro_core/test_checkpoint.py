@@ -261,3 +261,32 @@ def test_npz_whose_headers_ask_for_more_than_the_file_holds(tmp_path):
     np.save(tmp_path / "plain.npy", np.zeros(3))
     with pytest.raises(ValueError, match=r"plain\.npy: not a readable \.npz checkpoint \(not a zip"):
         checkpoint.load_npz(tmp_path / "plain.npy")
+
+
+def test_test_and_training_eps_are_kept_apart(tmp_path):
+    """net.eps was the training eps, so net.certify(x) certified at eps_train (0.45 for an
+    eps-0.3 run). Now eps is the test radius and eps_train the loss's; older files (one
+    'eps', the training one) take their test eps from the training config."""
+    net = GloroNet((1, 6, 6), 3, [{"type": "conv", "filters": 4, "kernel": 3, "stride": 2},
+                                  {"type": "dense", "units": 3}], eps=0.3, eps_train=0.45, seed=1)
+    x = np.random.default_rng(0).random((4, 1, 6, 6)).astype(np.float32)
+    net.certify(x)
+    assert net.last_certification["eps"] == 0.3
+    y = np.zeros(4, np.int64)
+    assert float(net.loss(x, y, power_iters=0).data) == float(net.loss(x, y, eps=0.45, power_iters=0).data)
+    assert float(net.loss(x, y, power_iters=0).data) != float(net.loss(x, y, eps=0.3, power_iters=0).data)
+    p = tmp_path / "new.npz"
+    net.save(p)
+    back = gloro_core.load(p)
+    assert (back.eps, back.eps_train) == (0.3, 0.45)
+    # an older file: meta eps = the training eps, the test eps only in the training config
+    meta, arrays, _ = checkpoint.load_npz(p)
+    meta.pop("eps_train")
+    meta["eps"] = 0.45
+    old = tmp_path / "old.npz"
+    checkpoint.save_npz(old, meta, arrays, {"train_state": {"config": {"eps": 0.3, "train_eps": 0.45}}})
+    back = gloro_core.load(old)
+    assert (back.eps, back.eps_train) == (0.3, 0.45)
+    assert np.array_equal(back.certify(x)[1], net.certify(x)[1])
+    checkpoint.save_npz(old, meta, arrays, {})       # no config: the one eps serves both
+    assert (gloro_core.load(old).eps, gloro_core.load(old).eps_train) == (0.45, 0.45)
