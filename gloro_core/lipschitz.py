@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import kernels
-from kernels import registry
+from kernels import registry, threads
 from kernels.registry import array_module
 from kernels.checks import check_conv, check_float, check_same_dtype, check_stride, conv_out_hw, resolve_padding
 
 from . import bounds
-from .concurrency import pool
 
 
 @dataclass
@@ -123,15 +122,15 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     """power_steps(sigma=False) on every layer's iterate; returns the new iterates.
 
     Layers whose steps run fused in one backend call that releases the GIL (numba's)
-    run concurrently on up to kernels.cpu_threads() Python threads, largest first onto
-    the least-loaded thread (4C3F: 13.5 -> ~8 ms a training step on 2 cores); the
+    run concurrently on up to kernels.cpu_threads() Python threads (kernels.threads' pool),
+    largest first onto the least-loaded thread (4C3F: 13.5 -> ~8 ms a training step on 2 cores); the
     rest (other backends, GPU arrays) run one after the other.
     """
     out = list(iterates)
-    threads = kernels.cpu_threads()
+    n_threads = threads.cpu_threads()
     fused = {}  # layer -> its fused steps
     for i, (op, w, v) in enumerate(zip(ops, weights, iterates)):
-        f = _fused_steps(op, w, v) if threads > 1 and iters > 0 else None
+        f = _fused_steps(op, w, v) if n_threads > 1 and iters > 0 else None
         if f is None:
             out[i], _ = power_steps(op, w, v, iters, sigma=False)
         else:
@@ -140,7 +139,7 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
         for i, f in fused.items():
             out[i], _ = _run_fused(f, ops[i], weights[i], iterates[i], iters, sigma=False)
         return out
-    groups = [[] for _ in range(min(threads, len(fused)))]
+    groups = [[] for _ in range(min(n_threads, len(fused)))]
     load = [0] * len(groups)
     for i in sorted(fused, key=lambda i: -ops[i].flops()):
         t = load.index(min(load))
@@ -150,13 +149,9 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     def run(group):
         return [(i, _run_fused(fused[i], ops[i], weights[i], iterates[i], iters, sigma=False)[0]) for i in group]
 
-    futs = [pool(len(groups) - 1).submit(run, g) for g in groups[1:]]
-    try:
-        done = run(groups[0])
-    finally:
-        rest = [f.result() for f in futs]  # joined even when the first group raised
-    for i, v in done + [r for part in rest for r in part]:
-        out[i] = v
+    for part in threads.run_parts(run, groups):
+        for i, v in part:
+            out[i] = v
     return out
 
 

@@ -21,8 +21,8 @@ from .api import (
 )
 from .checks import conv_out_hw, resolve_padding
 from .fused import adam_update
-from .numpy_backend import cpu_threads
 from .registry import array_module, availability, backends, is_gpu_array
+from .threads import cpu_threads
 
 OPS = (
     "conv2d",

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import buffers
 from . import numpy_backend as _numpy_backend
-from .numpy_backend import single_blas_thread as _single_blas_thread
+from .threads import single_blas_thread as _single_blas_thread
 from .registry import register
 
 # Numba's OpenMP layer busy-waits between parallel regions by default, and every conv here

@@ -31,7 +31,7 @@ import threading
 
 import numpy as np
 
-from . import buffers
+from . import buffers, threads
 from .registry import register
 
 # Target size of one chunk's cols matrix (per thread, reused: it is most of the backend's
@@ -63,130 +63,14 @@ def _scratch(slot: str, shape, dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-# ---------------------------------------------------------------- BLAS threads
-# With T > 1 BLAS threads, OpenBLAS parallelises every chunk's GEMM on its own, and each
-# call ends with a barrier: on a loaded machine a worker thread waits for a time slice at
-# every one of the hundreds of chunk GEMMs of a step (measured: 4C3F step 0.4 s with 1
-# thread, 2-8 s with 2 while two other jobs held both cores). Instead the chunks are
-# split over T Python threads, each calling a single-threaded BLAS (NumPy releases the
-# GIL in matmul and in large copies): one join per op, and no spinning.
-
-class _Blas:
-    """The bundled OpenBLAS libraries through ctypes: numpy's (np.matmul / np.dot) and
-    scipy's (which Numba's jitted np.dot calls); configured threads and the setter."""
-
-    def __init__(self):
-        self.get = self.set_local = None
-        self.others = []  # setters of the other OpenBLAS copies (scipy's), pinned alongside
-        try:
-            import ctypes
-            import glob
-            import os
-
-            dirs = [os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")]
-            try:
-                import scipy
-
-                dirs.append(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs"))
-            except ImportError:
-                pass
-            for d in dirs:
-                for path in sorted(glob.glob(os.path.join(d, "libscipy_openblas*.so*"))):
-                    lib = ctypes.CDLL(path)
-                    get = next((getattr(lib, f) for f in ("scipy_openblas_get_num_threads64_",
-                                                          "scipy_openblas_get_num_threads_64_",
-                                                          "scipy_openblas_get_num_threads",
-                                                          "openblas_get_num_threads") if hasattr(lib, f)), None)
-                    if get is None or not hasattr(lib, "openblas_set_num_threads_local"):
-                        continue
-                    setter = lib.openblas_set_num_threads_local
-                    get.restype = setter.restype = ctypes.c_int
-                    setter.argtypes = [ctypes.c_int]
-                    if self.get is None:
-                        self.get, self.set_local = get, setter
-                    else:
-                        self.others.append(setter)
-                    break
-        except Exception:  # unknown BLAS build: every op runs as before, on one Python thread
-            self.get = self.set_local = None
-            self.others = []
-
-    def threads(self) -> int:
-        """The configured BLAS thread count (the saved one while pinned to 1)."""
-        if self.get is None:
-            return 1
-        with _PIN_LOCK:
-            return int(_PIN[1]) if _PIN[0] else int(self.get())
-
-
-_BLAS = None
-_POOL = None
-_POOL_LOCK = threading.Lock()
-
-
-def _blas() -> _Blas:
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _Blas()
-    return _BLAS
-
-
-# Despite its name, openblas_set_num_threads_local sets the PROCESS-WIDE count and returns
-# the old one. A per-thread save/restore around each worker therefore raced: worker B saved
-# the 1 that worker A had just set and restored it last, leaving the whole process pinned to
-# one BLAS thread after the first conv (every later GEMM ran on one core, and _groups saw 1
-# thread so the chunk split never ran either). So the pin is reference-counted across
-# threads: the first enter saves the count and sets 1, the last exit restores it.
-_PIN_LOCK = threading.Lock()
-_PIN = [0, 1, []]  # [open contexts, numpy's count saved by the first, the others' counts]
-
-
-class single_blas_thread:
-    """Context: BLAS calls use one BLAS thread while any such context is open (no-op if
-    unsupported), in numpy's and scipy's OpenBLAS alike. Process-wide, as OpenBLAS's count
-    is; nests and overlaps across threads."""
-
-    def __enter__(self):
-        lib = _blas()
-        if lib.set_local is not None:
-            with _PIN_LOCK:
-                if _PIN[0] == 0:
-                    _PIN[1] = lib.set_local(1)
-                    _PIN[2] = [other(1) for other in lib.others]
-                _PIN[0] += 1
-        return self
-
-    def __exit__(self, *exc):
-        lib = _blas()
-        if lib.set_local is not None:
-            with _PIN_LOCK:
-                _PIN[0] -= 1
-                if _PIN[0] == 0:
-                    lib.set_local(_PIN[1])
-                    for other, count in zip(lib.others, _PIN[2]):
-                        other(count)
-
-
-def cpu_threads() -> int:
-    """Threads the CPU kernels split work over: OpenBLAS's configured thread count (1 when
-    its threads cannot be controlled here)."""
-    return _blas().threads() if _blas().set_local is not None else 1
-
-
-def _pool(workers: int):
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gloro-numpy")
-        return _POOL
-
+# ---------------------------------------------------------------- threads
+# Chunks are split over threads.cpu_threads() Python threads, one BLAS thread each (the
+# policy and its reasons: kernels/threads.py).
 
 def _groups(n: int, step: int):
     """Chunk starts 0, step, ... < n split into contiguous groups, one per worker thread."""
     starts = list(range(0, n, step))
-    t = min(cpu_threads(), len(starts))
+    t = min(threads.cpu_threads(), len(starts))
     if t <= 1:
         return [starts]
     k, r = divmod(len(starts), t)
@@ -202,15 +86,8 @@ def _run_groups(groups, fn):
     """[fn(group) for group in groups]; with several groups, in threads with 1 BLAS thread each."""
     # pinned once for the whole split, by the calling thread; also for one group, as a
     # multi-threaded OpenBLAS call leaves its workers busy-waiting afterwards
-    with single_blas_thread():
-        if len(groups) == 1:
-            return [fn(groups[0])]
-        futs = [_pool(len(groups) - 1).submit(fn, grp) for grp in groups[1:]]
-        try:
-            first = fn(groups[0])
-        finally:
-            rest = [f.result() for f in futs]  # join before unpinning, even on error
-    return [first] + rest
+    with threads.single_blas_thread():
+        return threads.run_parts(fn, groups)
 
 
 def _span(a: int, s: int, pad: int, n_in: int, n_ph: int):
@@ -281,7 +158,7 @@ class _Geom:
 def _step(g: _Geom, n: int, itemsize: int) -> int:
     """Samples per chunk: g.chunk, capped so that every BLAS thread gets a chunk (a batch
     whose cols fit in one CHUNK_BYTES chunk still splits over the threads)."""
-    t = cpu_threads()
+    t = threads.cpu_threads()
     return max(1, min(g.chunk(n, itemsize), -(-n // t)))
 
 
@@ -483,9 +360,9 @@ def _matmul(a, b):
     """a (M, K) @ b (K, N) -> new (M, N) array, rows split over threads (see DENSE_SPLIT_MIN)."""
     m = a.shape[0]
     out = buffers.empty((m, b.shape[1]), np.result_type(a, b))
-    t = cpu_threads()
+    t = threads.cpu_threads()
     if t <= 1 or m < 2 * t or m * a.shape[1] * b.shape[1] < DENSE_SPLIT_MIN:
-        with single_blas_thread():
+        with threads.single_blas_thread():
             np.matmul(a, b, out=out)
         return out
     edges = [m * j // t for j in range(t + 1)]

@@ -90,9 +90,10 @@ def test_numpy_conv_chunks_split_over_threads(monkeypatch, threads, stride, c):
     threads (1 BLAS thread each): results match the reference and the 1-thread run."""
     import kernels
     import kernels.numpy_backend as nb
+    from kernels import threads as kthreads
 
-    if nb._blas().set_local is None:
-        pytest.skip("numpy's BLAS has no thread-local thread control here")
+    if not kthreads.has_blas_control():
+        pytest.skip("no BLAS thread control here")
     rng = np.random.default_rng()
     x = rng.standard_normal((7, c, 9, 8)).astype(np.float32)
     w = rng.standard_normal((5, c, 3, 3)).astype(np.float32)
@@ -101,7 +102,7 @@ def test_numpy_conv_chunks_split_over_threads(monkeypatch, threads, stride, c):
     monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
     results = {}
     for t in (1, threads):
-        monkeypatch.setattr(nb._blas(), "threads", lambda t=t: t)
+        monkeypatch.setattr(kthreads, "cpu_threads", lambda t=t: t)
         assert len(nb._groups(7, 1)) == min(t, 7)
         y = kernels.conv2d(x, w, b, stride, "same", backend="numpy")
         gy = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
@@ -133,6 +134,13 @@ def test_dense_grad_weight_batch1_is_the_outer_product():
     np.testing.assert_array_equal(got, (gy.T.astype(np.float64) @ x.astype(np.float64)).astype(np.float32))
 
 
+def _actual_blas_threads() -> set:
+    """The thread counts every BLAS library reports now (NumPy's and SciPy's OpenBLAS)."""
+    from kernels import threads
+
+    return {int(c.get_num_threads()) for c in threads._blas_controllers()}
+
+
 def test_numpy_conv_split_restores_blas_threads(monkeypatch):
     """The chunk split pins OpenBLAS to 1 thread only while it runs: afterwards the process
     is back at its configured count (a racing per-worker restore once left it at 1 for good),
@@ -141,11 +149,12 @@ def test_numpy_conv_split_restores_blas_threads(monkeypatch):
 
     import kernels
     import kernels.numpy_backend as nb
+    from kernels import threads
 
-    lib = nb._blas()
-    if lib.set_local is None:
-        pytest.skip("numpy's BLAS has no thread control here")
-    prev = lib.set_local(2)
+    if not threads.has_blas_control():
+        pytest.skip("no BLAS thread control here")
+    prev = threads.blas_threads()
+    threads.set_blas_threads(2)
     try:
         monkeypatch.setattr(nb, "CHUNK_BYTES", 1)  # one sample per chunk: many chunks, 2 groups
         monkeypatch.setattr(nb, "MIN_CHUNK_SAMPLES", 1)
@@ -156,13 +165,13 @@ def test_numpy_conv_split_restores_blas_threads(monkeypatch):
         for _ in range(20):  # the race needed unlucky interleavings: repeat
             y = kernels.conv2d(x, w, None, 1, "same", backend="numpy")
             kernels.conv2d_grad_weight(x, y, (3, 3), 1, "same", backend="numpy")
-            assert int(lib.get()) == 2
+            assert _actual_blas_threads() == {2}
         barrier, seen = threading.Barrier(4), []
 
         def overlap():
-            with nb.single_blas_thread():
+            with threads.single_blas_thread():
                 barrier.wait()
-                seen.append((int(lib.get()), lib.threads()))  # pinned, configured
+                seen.append((_actual_blas_threads(), threads.blas_threads()))  # pinned, configured
                 barrier.wait()
 
         ts = [threading.Thread(target=overlap) for _ in range(4)]
@@ -170,10 +179,10 @@ def test_numpy_conv_split_restores_blas_threads(monkeypatch):
             t.start()
         for t in ts:
             t.join()
-        assert seen == [(1, 2)] * 4
-        assert int(lib.get()) == 2
+        assert seen == [({1}, 2)] * 4
+        assert _actual_blas_threads() == {2}
     finally:
-        lib.set_local(prev)
+        threads.set_blas_threads(prev)
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 9])
@@ -183,11 +192,12 @@ def test_numpy_dense_row_split_matches_reference(monkeypatch, n):
     import kernels
     import kernels.numpy_backend as nb
     from kernels import reference as ref
+    from kernels import threads
 
-    lib = nb._blas()
-    if lib.set_local is None:
-        pytest.skip("numpy's BLAS has no thread control here")
-    prev = lib.set_local(2)
+    if not threads.has_blas_control():
+        pytest.skip("no BLAS thread control here")
+    prev = threads.blas_threads()
+    threads.set_blas_threads(2)
     try:
         monkeypatch.setattr(nb, "DENSE_SPLIT_MIN", 1)
         rng = np.random.default_rng()
@@ -202,9 +212,9 @@ def test_numpy_dense_row_split_matches_reference(monkeypatch, n):
         for g, r in zip(got, want):
             assert g.dtype == np.float32 and g.shape == r.shape
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * (1 + np.abs(r).max()))
-        assert int(lib.get()) == 2
+        assert _actual_blas_threads() == {2}
     finally:
-        lib.set_local(prev)
+        threads.set_blas_threads(prev)
 
 
 @pytest.mark.parametrize("max_k", [0, 10**6], ids=["wide-rows", "per-sample"])
