@@ -530,13 +530,14 @@ def abs(x) -> Tensor:  # noqa: A001
 
 def _cpu_kernel(op, like, *args):
     """The CPU kernel registered as ``op`` (on the backend selected for ``like``) applied to
-    args; None for GPU arrays or where that backend lacks the op."""
+    args; None for GPU arrays or where that backend lacks the op or is unavailable. Only
+    the lookup may fall back: an error inside the kernel is raised, not hidden."""
     if is_gpu_array(like):
         return None
-    try:
-        return registry.get(op, registry.select(op, like))(*args)
-    except (NotImplementedError, RuntimeError):
+    name = registry.select(op, like)
+    if not registry.has(op, name):
         return None
+    return registry.get(op, name)(*args)
 
 
 def _relu_grad(out, g):

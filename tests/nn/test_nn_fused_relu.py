@@ -75,3 +75,26 @@ def test_fused_relu_is_differentiable_numerically():
         fp = (F.conv2d(Tensor(x), Tensor(wp), Tensor(b), 1, "same", relu=True).data * gy).sum()
         fm = (F.conv2d(Tensor(x), Tensor(wm), Tensor(b), 1, "same", relu=True).data * gy).sum()
         assert abs((fp - fm) / (2 * h) - wt.grad[idx]) <= 1e-5 * (1 + abs(wt.grad[idx]))
+
+
+def test_a_failing_relu_kernel_is_raised_not_replaced(monkeypatch):
+    """_cpu_kernel caught RuntimeError around the kernel call too, so a kernel that failed
+    (a Numba error, say) was silently replaced by NumPy. Only a missing op falls back."""
+    from kernels import registry
+
+    x = Tensor(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), requires_grad=True)
+    name = registry.select("relu_grad", x.data)
+    if not registry.has("relu_grad", name):
+        pytest.skip(f"the selected backend {name!r} has no relu_grad kernel")
+
+    def broken(out, g):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setitem(registry._IMPLS, ("relu_grad", name), broken)
+    y = F.relu(x)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        y.sum().backward()
+    monkeypatch.delitem(registry._IMPLS, ("relu_grad", name))   # a missing op: NumPy's form
+    x.grad = None
+    F.relu(x).sum().backward()
+    assert np.array_equal(x.grad, (x.data > 0).astype(np.float32))
