@@ -12,40 +12,41 @@ a gradient and were not produced by an op), and of any tensor that called
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 
 from kernels import buffers
 from kernels.registry import array_module, is_gpu_array
 
-_GRAD_ENABLED = True
+# grad mode per thread, as in PyTorch: the engine runs work on thread pools, and a
+# no_grad() in one thread must not switch graph building off (or on) in another
+_MODE = threading.local()
 
 
 def is_grad_enabled() -> bool:
-    """True unless inside ``no_grad()``."""
-    return _GRAD_ENABLED
+    """True unless inside ``no_grad()`` (in this thread)."""
+    return getattr(_MODE, "enabled", True)
 
 
 @contextlib.contextmanager
+def _grad_mode(enabled: bool):
+    prev = is_grad_enabled()
+    _MODE.enabled = enabled
+    try:
+        yield
+    finally:
+        _MODE.enabled = prev
+
+
 def no_grad():
     """Context manager: ops inside build no graph (outputs never require a gradient)."""
-    global _GRAD_ENABLED
-    prev, _GRAD_ENABLED = _GRAD_ENABLED, False
-    try:
-        yield
-    finally:
-        _GRAD_ENABLED = prev
+    return _grad_mode(False)
 
 
-@contextlib.contextmanager
 def enable_grad():
     """Context manager: turn graph building back on (e.g. inside ``no_grad``)."""
-    global _GRAD_ENABLED
-    prev, _GRAD_ENABLED = _GRAD_ENABLED, True
-    try:
-        yield
-    finally:
-        _GRAD_ENABLED = prev
+    return _grad_mode(True)
 
 
 def _is_array(x) -> bool:
@@ -307,7 +308,7 @@ class Parameter(Tensor):
 def make_result(data, parents: tuple, backward, op: str) -> Tensor:
     """The output Tensor of an op: wired into the graph when some parent needs a gradient."""
     out = Tensor(data)
-    if _GRAD_ENABLED and any(p.requires_grad for p in parents):
+    if is_grad_enabled() and any(p.requires_grad for p in parents):
         out.requires_grad = True
         out._parents = parents
         out._backward = backward

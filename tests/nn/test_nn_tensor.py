@@ -252,3 +252,32 @@ def test_released_graph_frees_activations(rng):
     out.backward()
     gc.collect()
     assert probe() is None  # released with the graph, while ``out`` is still alive
+
+
+def test_grad_mode_is_per_thread():
+    """no_grad() in one thread (a pool worker certifying, say) must not turn graph building
+    off in another, which was a module global before."""
+    import threading
+
+    from nn.tensor import is_grad_enabled, no_grad
+
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with no_grad():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(5)
+    try:
+        assert is_grad_enabled()
+        x = Tensor(np.ones(3), requires_grad=True)
+        assert (x * 2.0).requires_grad
+    finally:
+        release.set()
+        t.join()
+    with no_grad():
+        assert not is_grad_enabled()
+    assert is_grad_enabled()
