@@ -50,36 +50,30 @@ def _per_row(v, like):
 
 def _ascend(net, x1, x2, steps, lr, project=None):
     """Adam ascent of L over (x1, x2); returns the best L per pair seen at any step."""
-    from nn.tensor import Tensor
+    from nn.optim import Adam
+    from nn.tensor import Parameter
 
     dt = net.dtype   # the model's own: nn does not mix float32 inputs with float64 weights
-    x1, x2 = x1.astype(dt), x2.astype(dt)
+    p1, p2 = Parameter(x1.astype(dt)), Parameter(x2.astype(dt))
+    opt = Adam([p1, p2], lr=lr)
     best = np.full(len(x1), -np.inf)
-    m = [np.zeros_like(x1), np.zeros_like(x2)]
-    v = [np.zeros_like(x1), np.zeros_like(x2)]
-    b1, b2, e = 0.9, 0.999, 1e-8
-    for t in range(1, steps + 2):
-        t1, t2 = Tensor(x1, requires_grad=True), Tensor(x2, requires_grad=True)
-        r = _ratio(net, t1, t2)
+    for t in range(steps + 1):
+        r = _ratio(net, p1, p2)
         vals = np.asarray(r.data, np.float64)
-        vals = np.where(np.isfinite(vals), vals, -np.inf)
-        best = np.maximum(best, vals)
-        if t == steps + 1:
+        best = np.maximum(best, np.where(np.isfinite(vals), vals, -np.inf))
+        if t == steps:
             break
-        r.sum().backward()
-        for k, (z, tz) in enumerate(((x1, t1), (x2, t2))):
-            g = np.asarray(tz.grad, dt)
-            g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-            m[k] = b1 * m[k] + (1 - b1) * g
-            v[k] = b2 * v[k] + (1 - b2) * g * g
-            step = lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + e)
-            z += step.astype(dt)  # ascent
+        opt.zero_grad()
+        (-r.sum()).backward()             # ascent: Adam descends on -L
+        for p in (p1, p2):
+            p.grad = np.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        opt.step()
         if project is not None:
-            x1, x2 = project(x1), project(x2)
+            p1.data, p2.data = project(p1.data), project(p2.data)
         # keep the pair apart: a zero distance has no defined ratio
-        same = np.sqrt(((x1 - x2).reshape(len(x1), -1) ** 2).sum(1)) < 1e-6
+        same = np.sqrt(((p1.data - p2.data).reshape(len(x1), -1) ** 2).sum(1)) < 1e-6
         if same.any():
-            x2[same] += 1e-3
+            p2.data[same] += 1e-3
     return best
 
 
