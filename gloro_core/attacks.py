@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.registry import is_gpu_array
+from kernels.registry import to_host
 from nn import functions as F
 from nn.tensor import Tensor
-
-
-def _host(a):
-    return a.get() if is_gpu_array(a) else np.asarray(a)
 
 
 def _input_grad(net, xa, y):
@@ -23,7 +19,7 @@ def _input_grad(net, xa, y):
     logits = net.forward(xt)
     ce = -F.gather(F.log_softmax(logits, axis=1), y)
     F.sum(ce).backward()
-    return _host(ce.data).astype(np.float64), _host(xt.grad).astype(np.float64)
+    return to_host(ce.data).astype(np.float64), to_host(xt.grad).astype(np.float64)
 
 
 def _norms(d):
@@ -52,7 +48,7 @@ def pgd_l2(net, x, y, eps, steps=40, step_size=None, restarts=1, rng=None, seed=
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
-    xd = _host(net._check_x(x)[0])
+    xd = to_host(net._check_x(x)[0])
     y = net._check_labels(y, xd.shape[0])
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(seed)
     x64 = xd.astype(np.float64)

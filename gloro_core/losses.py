@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.registry import array_module, is_gpu_array
+from kernels.registry import array_module, is_gpu_array, to_host
 from nn import functions as F
 from nn.tensor import Tensor, make_result
 
@@ -29,7 +29,7 @@ def predicted_class(y) -> np.ndarray:
     """argmax by index (first maximum) of raw logits (n, m) -> (n,) int64 NumPy array."""
     data = y.data if isinstance(y, Tensor) else y
     j = data.argmax(axis=1)
-    return j.get() if is_gpu_array(j) else np.asarray(j)
+    return to_host(j)
 
 
 def pair_norms(w: Tensor, j: np.ndarray) -> Tensor:

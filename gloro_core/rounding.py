@@ -41,6 +41,7 @@ import math
 import numpy as np
 
 from kernels import array_module
+from kernels.registry import to_host
 
 from . import bounds
 
@@ -88,7 +89,7 @@ def sq_norms(x2d) -> np.ndarray:
     else:
         x64 = x2d.astype(np.float64)
         s = array_module(x64).einsum("ij,ij->i", x64, x64)
-        s = np.asarray(s.get() if hasattr(s, "get") else s, dtype=np.float64)
+        s = np.asarray(to_host(s), dtype=np.float64)
     d = x2d.shape[1]
     s = s + d * _TINY64  # squares that underflowed (float64 inputs only)
     return s / (1.0 - gamma(d, np.float64)) * _INFLATE

@@ -125,10 +125,9 @@ class TrainConfig:
 
 def _np(a) -> np.ndarray:
     """Tensor / CuPy / NumPy -> NumPy array."""
-    a = getattr(a, "data", a)
-    if hasattr(a, "get") and not isinstance(a, np.ndarray):
-        a = a.get()
-    return np.asarray(a)
+    from kernels.registry import to_host
+
+    return to_host(getattr(a, "data", a))
 
 
 def peak_rss_mb() -> float:

@@ -115,6 +115,15 @@ def array_module(x):
     return numpy
 
 
+def to_host(x):
+    """A NumPy array from a CuPy array (a copy), a NumPy array (itself) or array-like."""
+    if is_gpu_array(x):
+        return x.get()
+    import numpy
+
+    return numpy.asarray(x)
+
+
 _DEFAULT: str | None = None   # see default_backend
 
 

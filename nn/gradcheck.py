@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.registry import array_module
+from kernels.registry import array_module, to_host
 
 from .tensor import Tensor, no_grad
 
@@ -172,7 +172,7 @@ def check_backward_elementwise(fn, inputs, eps=1e-6, rtol=1e-5, atol=1e-8, rng=N
         if not d:
             continue
         xp = array_module(a)
-        host = a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+        host = to_host(a)
 
         def f(xi, i=i):
             args = list(arrays)
@@ -181,8 +181,7 @@ def check_backward_elementwise(fn, inputs, eps=1e-6, rtol=1e-5, atol=1e-8, rng=N
 
         num = numerical_gradient(f, host, eps)
         g = grads[i]
-        ana = np.zeros_like(num) if g is None else (g.get() if hasattr(g, "get") and not isinstance(g, np.ndarray)
-                                                     else np.asarray(g))
+        ana = np.zeros_like(num) if g is None else to_host(g)
         err = np.abs(num - ana)
         tol = atol + rtol * np.abs(num)
         ok = np.isfinite(num) & np.isfinite(ana) & (err <= tol)

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 import kernels
+from kernels.registry import is_gpu_array
 
 
 class Adam:
@@ -98,4 +99,4 @@ class Adam:
 
 
 def _host_copy(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a, copy=True)
+    return a.get() if is_gpu_array(a) else np.array(a, copy=True)   # .get() copies already
