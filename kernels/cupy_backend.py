@@ -26,6 +26,7 @@ may differ run to run by a few ulps.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -109,6 +110,138 @@ def _kernel(source: str, expr: str):
     return _module(source).get_function(expr)
 
 
+# ------------------------------------------------------------------ checked launches
+# Every RawKernel launch goes through _launch, which checks each argument against the
+# kernel's C parameter list read from the .cu source (so the two cannot drift): a
+# RawKernel call passes raw pointers and bit patterns, and a wrong scalar width, dtype,
+# non-contiguous array or oversized index shows up on a GPU as garbage, not an error.
+
+INT_MAX = 2**31 - 1
+GRID_X_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535
+BLOCK_MAX = 1024
+# arrays a kernel indexes with 64 bits (long long); every other array argument is
+# indexed with int, so it must hold fewer than 2^31 elements
+INDEX64 = {
+    "conv2d_fwd": ("y",),
+    "conv2d_bwd_input": ("gx",),
+    "conv2d_bwd_weight": ("gw",),
+    "dense_fwd": ("y",),
+    "dense_bwd_input": ("gx",),
+    "dense_bwd_weight": ("gw",),
+    "minmax_fwd": ("x", "y"),
+    "minmax_bwd": ("x", "gy", "gx"),
+    "adam_step": ("p", "g", "m", "v"),
+}
+# the GEMM body computes m + BM, n + BN and k + BK in int: extents keep that margin
+GEMM_EXTENT_MAX = INT_MAX - 128
+_SCALAR_C = {"int": np.int32, "long long": np.int64}
+
+
+class LaunchError(ValueError):
+    """A kernel launch whose arguments do not match the kernel (raised before launching)."""
+
+
+def _defines(code: str) -> dict[str, str]:
+    """Object-like #defines of a source (continuation lines joined)."""
+    code = code.replace("\\\n", " ")
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^#define\s+(\w+)[ \t]+(.*)$", code, flags=re.M)}
+
+
+_SIGS: dict[str, dict] = {}
+
+
+def kernel_signatures(source: str) -> dict[str, dict]:
+    """{kernel: {"params": [(name, ctype, is_pointer)], "threads": launch bound or None}}
+    parsed from ``source``'s ``__global__`` functions (macros such as CONV_ARGS expanded)."""
+    sigs = _SIGS.get(source)
+    if sigs is None:
+        with open(os.path.join(CUDA_DIR, source)) as f:
+            code = f.read()
+        defs = _defines(code)
+        sigs = {}
+        pat = r"__global__\s+void\s+(?:__launch_bounds__\((\w+)\)\s+)?(\w+)\s*\(([^)]*)\)"
+        for m in re.finditer(pat, code):
+            bound, name, plist = m.groups()
+            for macro, body in defs.items():
+                plist = re.sub(rf"\b{macro}\b", body, plist)
+            params = []
+            for p in plist.split(","):
+                toks = p.replace("*", " * ").split()
+                toks = [t for t in toks if t not in ("const", "__restrict__")]
+                is_ptr = "*" in toks
+                toks = [t for t in toks if t != "*"]
+                params.append((toks[-1], " ".join(toks[:-1]), is_ptr))
+            threads = int(defs.get(bound, bound)) if bound else None
+            sigs[name] = {"params": params, "threads": threads}
+        _SIGS[source] = sigs
+    return sigs
+
+
+def _dims3(v, what, name):
+    v = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+    if not 1 <= len(v) <= 3 or any(x < 1 for x in v):
+        raise LaunchError(f"{name}: {what} {v} must be 1 to 3 positive sizes")
+    return v + (1,) * (3 - len(v))
+
+
+def check_launch(source: str, name: str, ctype: str, grid, block, args) -> None:
+    """Raise LaunchError unless ``args`` match kernel ``name<ctype, ...>`` of ``source``
+    and ``grid``/``block`` are within CUDA's limits and the kernel's launch bound."""
+    sig = kernel_signatures(source).get(name)
+    if sig is None:
+        raise LaunchError(f"no __global__ kernel {name!r} in {source}")
+    dtype = {v: k for k, v in CTYPE.items()}.get(ctype)
+    if dtype is None:
+        raise LaunchError(f"{name}: element type {ctype!r} is not one of {sorted(CTYPE.values())}")
+    dtype = np.dtype(dtype)
+    g, b = _dims3(grid, "grid", name), _dims3(block, "block", name)
+    if g[0] > GRID_X_MAX or g[1] > GRID_YZ_MAX or g[2] > GRID_YZ_MAX:
+        raise LaunchError(f"{name}: grid {g} exceeds CUDA's limits ({GRID_X_MAX}, {GRID_YZ_MAX}, {GRID_YZ_MAX})")
+    threads = b[0] * b[1] * b[2]
+    if threads > BLOCK_MAX or b[2] > 64:
+        raise LaunchError(f"{name}: block {b} ({threads} threads) exceeds CUDA's limits ({BLOCK_MAX} threads, z <= 64)")
+    if sig["threads"] is not None and threads != sig["threads"]:
+        # the bounded kernels (GEMM tiles, one-block reductions) assume exactly that many threads
+        raise LaunchError(f"{name}: launched with {threads} threads, the kernel is written for {sig['threads']}")
+    params = sig["params"]
+    if len(args) != len(params):
+        raise LaunchError(f"{name}: {len(args)} arguments for {len(params)} parameters "
+                          f"({', '.join(p[0] for p in params)})")
+    wide = INDEX64.get(name, ())
+    for a, (pname, pc, is_ptr) in zip(args, params):
+        if is_ptr:
+            if isinstance(a, np.generic) or not hasattr(a, "shape"):
+                raise LaunchError(f"{name}: parameter {pname} ({pc}*) needs an array, got {type(a).__name__}")
+            shape = tuple(a.shape)
+            if pc != "T":
+                raise LaunchError(f"{name}: parameter {pname} has pointer type {pc}*, which the host does not pass")
+            if a.dtype != dtype:
+                raise LaunchError(f"{name}<{ctype}>: array {pname} of shape {shape} is {a.dtype}, not {dtype}")
+            if not a.flags.c_contiguous:
+                raise LaunchError(f"{name}: array {pname} of shape {shape} is not C-contiguous")
+            size = int(np.prod(shape, dtype=object))
+            if pname not in wide and size > INT_MAX:
+                raise LaunchError(f"{name}: array {pname} of shape {shape} has {size} elements; the kernel "
+                                  f"indexes it with 32-bit int (at most {INT_MAX})")
+        else:
+            want = dtype.type if pc == "T" else _SCALAR_C.get(pc)
+            if want is None:
+                raise LaunchError(f"{name}: parameter {pname} has C type {pc!r}, which the host does not pass")
+            if type(a) is not want:
+                raise LaunchError(f"{name}: parameter {pname} is C {'T=' + ctype if pc == 'T' else pc} and needs "
+                                  f"{want.__name__}, got {type(a).__name__} {a!r}")
+
+
+def _launch(source: str, name: str, a0, grid, block, args, tile=()):
+    """Check, then launch ``name<T of a0, *tile>`` from ``source`` (the only launch site)."""
+    ctype = _ctype(a0)
+    check_launch(source, name, ctype, grid, block, args)
+    expr = f"{name}<{','.join((ctype, *map(str, tile)))}>"
+    _kernel(source, expr)(grid, block, args)
+
+
 _SM_COUNT: list[int] = []
 
 
@@ -123,20 +256,22 @@ def _ctype(a) -> str:
     return CTYPE[str(a.dtype)]
 
 
-def _i32(*vals):
+def _i32(*vals, op="kernel"):
     out = []
     for v in vals:
         v = int(v)
-        if not 0 <= v < 2**31:
-            raise ValueError(f"size {v} does not fit the kernels' 32-bit indexing")
+        if not 0 <= v <= INT_MAX:
+            raise ValueError(f"{op}: size {v} does not fit the kernel's 32-bit int parameters")
         out.append(np.int32(v))
     return out
 
 
-def _check_size(*arrays):
-    for a in arrays:
-        if a is not None and a.size >= 2**31:
-            raise ValueError(f"array of shape {tuple(a.shape)} is too large for 32-bit indexing")
+def _check_size(op, **arrays):
+    """Inputs the kernels index with int: refused before anything is allocated."""
+    for name, a in arrays.items():
+        if a is not None and int(np.prod(tuple(a.shape), dtype=object)) > INT_MAX:
+            raise ValueError(f"{op}: input {name} of shape {tuple(a.shape)} has 2^31 elements or more; "
+                             f"the kernel indexes inputs with 32-bit int")
 
 
 def _contig(a):
@@ -173,19 +308,23 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int):
 def _run_gemm(name, a0, M, N, K, out_shape, build_args):
     """Plan, allocate (zeroed for split-K) and launch; ``build_args(out, kchunk)`` -> kernel args."""
     dtype = a0.dtype
+    for what, v in (("M", M), ("N", N), ("K", K)):
+        # the GEMM body walks rows, columns and depth with int (the output itself is 64-bit)
+        if int(v) > GEMM_EXTENT_MAX:
+            raise ValueError(f"{name}: GEMM extent {what} = {int(v)} for output shape {tuple(out_shape)} "
+                             f"exceeds the kernel's 32-bit int range ({GEMM_EXTENT_MAX})")
     if M == 0 or N == 0:
         return cp.zeros(out_shape, dtype=dtype)
     (bm, bn), grid, kchunk = gemm_plan(M, N, K, _sm_count())
     out = (cp.zeros if grid[2] > 1 else cp.empty)(out_shape, dtype=dtype)
-    kern = _kernel("gemm_conv.cu", f"{name}<{_ctype(a0)},{bm},{bn}>")
-    kern(grid, (GEMM_THREADS,), build_args(out, np.int32(kchunk)))
+    _launch("gemm_conv.cu", name, a0, grid, (GEMM_THREADS,), build_args(out, np.int32(kchunk)), tile=(bm, bn))
     return out
 
 
-def _conv_args(x_shape, w_shape, out_hw, stride, pads):
+def _conv_args(x_shape, w_shape, out_hw, stride, pads, op):
     n, c, h, wd = x_shape
     o, _, kh, kw = w_shape
-    return _i32(n, c, h, wd, o, kh, kw, out_hw[0], out_hw[1], stride[0], stride[1], pads[0], pads[2])
+    return _i32(n, c, h, wd, o, kh, kw, out_hw[0], out_hw[1], stride[0], stride[1], pads[0], pads[2], op=op)
 
 
 def _out_hw(x_shape, w_shape, stride, pads):
@@ -201,12 +340,12 @@ def _out_hw(x_shape, w_shape, stride, pads):
 def conv2d(x, w, b, stride, pads):
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
     x, w = _contig(x), _contig(w)
-    _check_size(x, w)
+    _check_size("conv2d", x=x, w=w)
     n, c = x.shape[:2]
     o, _, kh, kw = w.shape
     oh, ow = _out_hw(x.shape, w.shape, stride, pads)
     bias = _contig(b) if b is not None else w  # w is a placeholder pointer when has_bias = 0
-    shape_args = _conv_args(x.shape, w.shape, (oh, ow), stride, pads)
+    shape_args = _conv_args(x.shape, w.shape, (oh, ow), stride, pads, "conv2d")
     has_bias = np.int32(b is not None)
     return _run_gemm(
         "conv2d_fwd", x, o, n * oh * ow, c * kh * kw, (n, o, oh, ow),
@@ -218,10 +357,10 @@ def conv2d(x, w, b, stride, pads):
 def conv2d_grad_input(gy, w, x_shape, stride, pads):
     """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx (N, C, H, W) = x_shape."""
     gy, w = _contig(gy), _contig(w)
-    _check_size(gy, w)
+    _check_size("conv2d_grad_input", gy=gy, w=w)
     n, c, h, wd = (int(v) for v in x_shape)
     o, _, kh, kw = w.shape
-    shape_args = _conv_args((n, c, h, wd), w.shape, gy.shape[2:], stride, pads)
+    shape_args = _conv_args((n, c, h, wd), w.shape, gy.shape[2:], stride, pads, "conv2d_grad_input")
     return _run_gemm(
         "conv2d_bwd_input", gy, c, n * h * wd, o * kh * kw, (n, c, h, wd),
         lambda out, kc: (gy, w, out, *shape_args, kc),
@@ -232,10 +371,10 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
 def conv2d_grad_weight(x, gy, w_shape, stride, pads):
     """x (N, C, H, W), gy (N, O, OH, OW) -> gw of ``w_shape`` (O, C, kh, kw)."""
     x, gy = _contig(x), _contig(gy)
-    _check_size(x, gy)
+    _check_size("conv2d_grad_weight", x=x, gy=gy)
     o, c, kh, kw = (int(v) for v in w_shape)
     n, _, oh, ow = gy.shape
-    shape_args = _conv_args(x.shape, (o, c, kh, kw), (oh, ow), stride, pads)
+    shape_args = _conv_args(x.shape, (o, c, kh, kw), (oh, ow), stride, pads, "conv2d_grad_weight")
     return _run_gemm(
         "conv2d_bwd_weight", x, o, c * kh * kw, n * oh * ow, (o, c, kh, kw),
         lambda out, kc: (x, gy, out, *shape_args, kc),
@@ -248,12 +387,12 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
 def dense(x, w, b):
     """x (N, I), w (O, I), b (O,) or None -> x w^T + b (N, O)."""
     x, w = _contig(x), _contig(w)
-    _check_size(x, w)
+    _check_size("dense", x=x, w=w)
     n, i = x.shape
     o = w.shape[0]
     bias = _contig(b) if b is not None else w
     has_bias = np.int32(b is not None)
-    dims = _i32(n, i, o)
+    dims = _i32(n, i, o, op="dense")
     return _run_gemm("dense_fwd", x, n, o, i, (n, o), lambda out, kc: (x, w, bias, out, has_bias, *dims, kc))
 
 
@@ -261,10 +400,10 @@ def dense(x, w, b):
 def dense_grad_input(gy, w):
     """gy (N, O), w (O, I) -> gy w (N, I)."""
     gy, w = _contig(gy), _contig(w)
-    _check_size(gy, w)
+    _check_size("dense_grad_input", gy=gy, w=w)
     n, o = gy.shape
     i = w.shape[1]
-    dims = _i32(n, i, o)
+    dims = _i32(n, i, o, op="dense_grad_input")
     return _run_gemm("dense_bwd_input", gy, n, i, o, (n, i), lambda out, kc: (gy, w, out, *dims, kc))
 
 
@@ -272,10 +411,10 @@ def dense_grad_input(gy, w):
 def dense_grad_weight(x, gy):
     """x (N, I), gy (N, O) -> gy^T x (O, I)."""
     x, gy = _contig(x), _contig(gy)
-    _check_size(x, gy)
+    _check_size("dense_grad_weight", x=x, gy=gy)
     n, i = x.shape
     o = gy.shape[1]
-    dims = _i32(n, i, o)
+    dims = _i32(n, i, o, op="dense_grad_weight")
     return _run_gemm("dense_bwd_weight", x, o, i, n, (o, i), lambda out, kc: (x, gy, out, *dims, kc))
 
 
@@ -294,12 +433,11 @@ def _pairs(x):
 def minmax(x):
     """x (N, C, ...) with C even -> same shape, channel pairs sorted to (min, max)."""
     x = _contig(x)
-    _check_size(x)
     y = cp.empty_like(x)
     npairs, inner = _pairs(x)
     if npairs:
         grid, block = _ew_grid(npairs)
-        _kernel("elementwise.cu", f"minmax_fwd<{_ctype(x)}>")(grid, block, (x, y, *_i32(npairs, inner)))
+        _launch("elementwise.cu", "minmax_fwd", x, grid, block, (x, y, np.int64(npairs), np.int64(inner)))
     return y
 
 
@@ -307,12 +445,13 @@ def minmax(x):
 def minmax_grad(x, gy):
     """x, gy (N, C, ...) -> gx: gy routed back through the pair sort (ties keep order)."""
     x, gy = _contig(x), _contig(gy)
-    _check_size(x)
+    if tuple(gy.shape) != tuple(x.shape):
+        raise ValueError(f"minmax_grad: gy of shape {tuple(gy.shape)} does not match x {tuple(x.shape)}")
     gx = cp.empty_like(x)
     npairs, inner = _pairs(x)
     if npairs:
         grid, block = _ew_grid(npairs)
-        _kernel("elementwise.cu", f"minmax_bwd<{_ctype(x)}>")(grid, block, (x, gy, gx, *_i32(npairs, inner)))
+        _launch("elementwise.cu", "minmax_bwd", x, grid, block, (x, gy, gx, np.int64(npairs), np.int64(inner)))
     return gx
 
 
@@ -324,25 +463,27 @@ def adam_update(p, g, m, v, lr_t, beta1, beta2, epsilon):
     for name, a in (("p", p), ("m", m), ("v", v)):
         if not a.flags.c_contiguous:
             raise ValueError(f"adam_update updates {name} in place and needs it C-contiguous (shape {tuple(a.shape)})")
+    for name, a in (("g", g), ("m", m), ("v", v)):
+        if tuple(a.shape) != tuple(p.shape):  # the kernel walks all four with p's size
+            raise ValueError(f"adam_update: {name} of shape {tuple(a.shape)} does not match p {tuple(p.shape)}")
     g = _contig(g)
     n = p.size
     if n == 0:
         return
     st = p.dtype.type
     grid, block = _ew_grid(n)
-    _kernel("elementwise.cu", f"adam_step<{_ctype(p)}>")(
-        grid, block, (p, g, m, v, st(lr_t), st(beta1), st(beta2), st(epsilon), np.int64(n))
-    )
+    _launch("elementwise.cu", "adam_step", p, grid, block,
+            (p, g, m, v, st(lr_t), st(beta1), st(beta2), st(epsilon), np.int64(n)))
 
 
 # ------------------------------------------------------------------ power method
 
 def _l2(a, scale: bool):
     """||a|| as a 0-d array; with ``scale`` also normalises ``a`` (contiguous) in place."""
+    _check_size("l2_normalize", a=a)
     nrm = cp.empty((), dtype=a.dtype)
-    _kernel("elementwise.cu", f"l2_normalize<{_ctype(a)}>")(
-        (1,), (RED_THREADS,), (a, nrm, *_i32(a.size), np.int32(bool(scale)))
-    )
+    _launch("elementwise.cu", "l2_normalize", a, (1,), (RED_THREADS,),
+            (a, nrm, *_i32(a.size, op="l2_normalize"), np.int32(bool(scale))))
     return nrm
 
 
@@ -376,7 +517,6 @@ def dense_power_step(v, w):
     u = cp.empty((o,), dtype=w.dtype)
     out = cp.empty(v.shape, dtype=w.dtype)
     sigma = cp.empty((), dtype=w.dtype)
-    _kernel("elementwise.cu", f"dense_power_step<{_ctype(w)}>")(
-        (1,), (RED_THREADS,), (w, vc, u, out, sigma, *_i32(o, i))
-    )
+    _launch("elementwise.cu", "dense_power_step", w, (1,), (RED_THREADS,),
+            (w, vc, u, out, sigma, *_i32(o, i, op="dense_power_step")))
     return out, sigma

@@ -12,13 +12,15 @@ __device__ __forceinline__ double gl_sqrt(double v) { return sqrt(v); }
 // matches the forward exactly.  A NaN in a pair makes both outputs NaN (np.minimum
 // semantics); its gradient is routed as for an unordered pair (swapped), as the oracle does.
 
+// 64-bit indices: activations (N, C, H, W) may hold 2^31 elements or more.
 template <typename T>
-__global__ void minmax_fwd(const T* __restrict__ x, T* __restrict__ y, int npairs, int inner)
+__global__ void minmax_fwd(const T* __restrict__ x, T* __restrict__ y, long long npairs, long long inner)
 {
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < npairs; t += gridDim.x * blockDim.x) {
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < npairs;
+         t += (long long)gridDim.x * blockDim.x) {
         // t = (n*C/2 + k)*inner + r, and x[n, 2k, r] sits at (n*C + 2k)*inner + r = 2*nk*inner + r
-        const int r = t % inner, nk = t / inner;
-        const int a = (2 * nk) * inner + r, b = a + inner;      // x[n, 2k, r], x[n, 2k+1, r]
+        const long long r = t % inner, nk = t / inner;
+        const long long a = (2 * nk) * inner + r, b = a + inner;  // x[n, 2k, r], x[n, 2k+1, r]
         const T xa = x[a], xb = x[b];
         const bool keep = xa <= xb;
         const bool nan = xa != xa || xb != xb;  // a NaN poisons both, as np.minimum/np.maximum
@@ -29,11 +31,12 @@ __global__ void minmax_fwd(const T* __restrict__ x, T* __restrict__ y, int npair
 
 template <typename T>
 __global__ void minmax_bwd(const T* __restrict__ x, const T* __restrict__ gy, T* __restrict__ gx,
-                           int npairs, int inner)
+                           long long npairs, long long inner)
 {
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < npairs; t += gridDim.x * blockDim.x) {
-        const int r = t % inner, nk = t / inner;
-        const int a = (2 * nk) * inner + r, b = a + inner;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < npairs;
+         t += (long long)gridDim.x * blockDim.x) {
+        const long long r = t % inner, nk = t / inner;
+        const long long a = (2 * nk) * inner + r, b = a + inner;
         const bool keep = x[a] <= x[b];
         const T ga = gy[a], gb = gy[b];
         gx[a] = keep ? ga : gb;  // the min's gradient goes to whichever input was the min

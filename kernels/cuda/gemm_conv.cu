@@ -48,7 +48,8 @@ __device__ __forceinline__ void gemm_tile(int M, int N, int K, int kchunk,
     const int m0 = blockIdx.y * BM;
     const int n0 = blockIdx.x * BN;
     const int kbeg = blockIdx.z * kchunk;
-    const int kend = min(K, kbeg + kchunk);
+    // in 64 bits: kbeg + kchunk may pass INT_MAX on the last K slice of a long K
+    const int kend = (int)min((long long)K, (long long)kbeg + kchunk);
 
     T acc[TM][TN];
 #pragma unroll
@@ -103,6 +104,9 @@ __device__ __forceinline__ void gemm_tile(int M, int N, int K, int kchunk,
     }
 }
 
+// Store functors index the output with 64 bits: an output may hold 2^31 elements or
+// more (conv2d of (1024,3,256,256) with 64 filters) while every input, and every GEMM
+// extent M, N, K, stays below 2^31 (checked on the host), so loaders keep int.
 template <typename T>
 __device__ __forceinline__ void put(T* p, T v, bool atomic)
 {
@@ -151,7 +155,7 @@ struct ConvFwdStore {  // y[b, o, i, j] = acc + bias[o]
     {
         const int ohw = s.OH * s.OW, b = p / ohw, ij = p % ohw;
         if (bias != nullptr && first) v += bias[o];
-        put(&y[(b * s.O + o) * ohw + ij], v, atomic);
+        put(&y[((long long)b * s.O + o) * ohw + ij], v, atomic);
     }
 };
 
@@ -205,7 +209,7 @@ struct ConvBwdStore {  // gx[b, c, h, v]
     __device__ void operator()(int c, int p, T v, bool atomic, bool) const
     {
         const int hw = s.H * s.W, b = p / hw, r = p % hw;
-        put(&gx[(b * s.C + c) * hw + r], v, atomic);
+        put(&gx[((long long)b * s.C + c) * hw + r], v, atomic);
     }
 };
 
@@ -253,7 +257,7 @@ struct RowMajorStore {  // c[m, n] of a (M, ld) matrix
     T* c; int ld;
     __device__ void operator()(int m, int n, T v, bool atomic, bool) const
     {
-        put(&c[m * ld + n], v, atomic);
+        put(&c[(long long)m * ld + n], v, atomic);
     }
 };
 
@@ -284,7 +288,7 @@ struct DenseStore {  // y[b, o] = acc + bias[o]
     __device__ void operator()(int m, int n, T v, bool atomic, bool first) const
     {
         if (bias != nullptr && first) v += bias[n];
-        put(&y[m * ld + n], v, atomic);
+        put(&y[(long long)m * ld + n], v, atomic);
     }
 };
 
