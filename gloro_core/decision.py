@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.certify_loops import decide_rows as _decide_rows
+
 from . import bounds
 
 # 4 ulps-worth of relative slack for float64's own rounding of the sums below
@@ -75,72 +77,9 @@ def decide_reference(y64, err, k_pair, eps: float):
     return j, ybot, certified, radius, (yj > bare.max(axis=1)) & finite
 
 
-try:
-    from numba import njit
-except Exception:  # no numba: decide() is the NumPy form
-    njit = None
-
-if njit is not None:
-    @njit(cache=True)
-    def _decide_rows(y64, err, k_pair, eps, c4, tiny, normal, maxf, j, ybot, certified, radius, bare_cert):
-        """decide_reference's arithmetic per row, each float64 operation as NumPy orders it."""
-        n, m = y64.shape
-        for r in range(n):
-            jr = 0                                  # np.argmax: the first NaN, else first max
-            best = y64[r, 0]
-            if best == best:
-                for i in range(1, m):
-                    v = y64[r, i]
-                    if v != v:
-                        jr = i
-                        break
-                    if v > best:
-                        best, jr = v, i
-            finite = True
-            for i in range(m):
-                if not (np.isfinite(y64[r, i]) and np.isfinite(err[r, i])):
-                    finite = False
-            yj, ej = y64[r, jr], err[r, jr]
-            ayj = abs(yj)
-            top = -np.inf
-            top_bare = -np.inf
-            rmin = np.inf
-            for i in range(m):
-                if i == jr:
-                    continue
-                y, k = y64[r, i], k_pair[jr, i]
-                slack = err[r, i] + ej
-                ek = eps * k
-                cand = (y + slack) + ek
-                cand += c4 * (((abs(y) + ayj) + slack) + ek) + 2 * tiny
-                if cand > top or cand != cand:      # np.max propagates NaN
-                    top = cand if top == top else top
-                bare = y + ek
-                bare += c4 * ((abs(y) + ayj) + ek) + 2 * tiny
-                if bare > top_bare or bare != bare:
-                    top_bare = bare if top_bare == top_bare else top_bare
-                margin = ((yj - y) - slack) - (c4 * ((abs(y) + ayj) + slack) + 2 * tiny)
-                if k > 0:
-                    q = min(margin / k, maxf)
-                elif margin > 0:
-                    q = np.inf
-                else:
-                    q = 0.0
-                if q < normal:                      # a quotient that underflowed may round up
-                    q = q - tiny
-                if q < rmin or q != q:              # NaN: radius 0 below
-                    rmin = q if rmin == rmin else rmin
-            j[r] = jr
-            ybot[r] = top
-            certified[r] = yj > top and finite
-            bare_cert[r] = yj > top_bare and finite
-            rad = rmin if (rmin > 0 and finite) else 0.0
-            radius[r] = rad if certified[r] else min(rad, eps)
-
-
 def decide(y64, err, k_pair, eps: float):
     """decide_reference's results, from one Numba loop where it can run (NumPy arrays)."""
-    if njit is None or not all(isinstance(a, np.ndarray) for a in (y64, err, k_pair)):
+    if _decide_rows is None or not all(isinstance(a, np.ndarray) for a in (y64, err, k_pair)):
         return decide_reference(y64, err, k_pair, eps)
     y64, err, k_pair = (np.ascontiguousarray(a) for a in _checked(y64, err, k_pair))
     n = y64.shape[0]

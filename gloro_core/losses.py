@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.registry import array_module, is_gpu_array, to_host
+from kernels.registry import array_module, to_host
 from nn import functions as F
 from nn.tensor import Tensor, make_result
 

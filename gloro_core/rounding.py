@@ -41,6 +41,7 @@ import math
 import numpy as np
 
 from kernels import array_module
+from kernels.certify_loops import bound_rows as _bound_rows, sq_rows as _sq_rows
 from kernels.registry import to_host
 
 from . import bounds
@@ -93,29 +94,6 @@ def sq_norms(x2d) -> np.ndarray:
     d = x2d.shape[1]
     s = s + d * _TINY64  # squares that underflowed (float64 inputs only)
     return s / (1.0 - gamma(d, np.float64)) * _INFLATE
-
-
-try:
-    from numba import njit as _njit
-except Exception:  # no numba: the NumPy forms below run instead
-    _njit = None
-
-if _njit is None:
-    _sq_rows = None
-else:
-    # reassoc lets the sum vectorise (the bound holds for any order); no nnan/ninf, so a
-    # float64 row whose squares overflow still gives inf (no bound, no certificate)
-    @_njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _sq_rows(x):
-        n, d = x.shape
-        out = np.empty(n)
-        for i in range(n):
-            s = 0.0
-            for k in range(d):
-                v = np.float64(x[i, k])
-                s += v * v
-            out[i] = s
-        return out
 
 
 class LayerConstants:
@@ -195,39 +173,3 @@ def logit_error_bound_reference(consts, x_sq_norm, input_err) -> np.ndarray:
     ok = ((s + err) * _INFLATE <= c.limit).all(axis=1)
     err[~ok] = np.inf
     return err
-
-
-if _njit is None:
-    _bound_rows = None
-else:
-    @_njit(cache=True)
-    def _bound_rows(sq, e_in, table, row_norms, abs_bias, gamma_last, underflow_last, limit_last, inflate,
-                    inflate2, tiny, out):
-        """logit_error_bound_reference per row; table (layers - 1, 6): sigma, sigma_abs,
-        gamma, bias_norm, underflow, limit of each hidden layer."""
-        m = row_norms.shape[0]
-        for r in range(sq.shape[0]):
-            h = np.sqrt(sq[r]) * inflate
-            e = e_in[r] * inflate
-            for i in range(table.shape[0]):
-                sig, sabs, gam, bn, uf, lim = (table[i, 0], table[i, 1], table[i, 2], table[i, 3],
-                                               table[i, 4], table[i, 5])
-                s = sabs * h + bn
-                local = (gam * s + uf) + 2 * tiny
-                if (s + local) * inflate <= lim:
-                    e = (sig * e + local) * inflate + tiny
-                    h = ((sig * h + bn) + local) * inflate + tiny
-                else:
-                    e = np.inf
-                    h = np.inf
-            ok = True
-            for k in range(m):
-                s = h * row_norms[k] + abs_bias[k]
-                v = e * row_norms[k] + gamma_last * s
-                v = ((v + underflow_last) + 2 * tiny) * inflate2
-                out[r, k] = v
-                if not (s + v) * inflate <= limit_last:
-                    ok = False
-            if not ok:
-                for k in range(m):
-                    out[r, k] = np.inf

@@ -5,7 +5,7 @@ import pytest
 
 from gloro_core import decision
 
-pytestmark = pytest.mark.skipif(decision.njit is None, reason="numba not importable")
+pytestmark = pytest.mark.skipif(decision._decide_rows is None, reason="numba not importable")
 
 
 def _inputs(rng, n, m, case):
