@@ -375,8 +375,10 @@ def cmd_attack(args) -> int:
 
     net, cfg, path, x, y, eps = _load_run(args)
     step = args.step_size if args.step_size is not None else 2.5 * eps / args.steps
+    from nn.tensor import no_grad
+
     t0 = time.perf_counter()
-    adv_correct = []
+    adv_pred, cert_pred = [], []
     for s in range(0, len(x), args.batch):
         xb, yb = x[s:s + args.batch], y[s:s + args.batch]
         x_adv = attacks.pgd_l2(net, xb, yb, eps=eps, steps=args.steps, step_size=step,
@@ -385,17 +387,20 @@ def cmd_attack(args) -> int:
         dist = np.sqrt(((x_adv - xb).reshape(len(xb), -1).astype(np.float64) ** 2).sum(1))
         if np.any(dist > eps * (1 + 1e-4) + 1e-6):
             raise RuntimeError(f"attack left the eps-ball: max distance {dist.max()} > {eps}")
-        from nn.tensor import no_grad
         with no_grad():
-            adv_correct.append(_np(net.logits(x_adv)).argmax(1) == yb)
-    from nn.tensor import no_grad
+            adv_pred.append(_np(net.logits(x_adv)).argmax(1))
+            cert_pred.append(_np(net.certify(xb, eps, tight_radius=False)[0]))
     with no_grad():
         clean = np.concatenate([_np(net.logits(x[s:s + args.batch])).argmax(1)
                                 for s in range(0, len(x), args.batch)])
-    adv = np.concatenate(adv_correct)
+    adv, cert = np.concatenate(adv_pred), np.concatenate(cert_pred)
+    # a certificate says no point of the eps-ball changes the class: PGD must flip none
+    certified = cert >= 0
     res = {"checkpoint": path, "n": int(len(x)), "eps": eps, "steps": args.steps,
            "restarts": args.restarts, "step_size": step,
-           "clean_acc": float((clean == y).mean()), "pgd_acc": float(adv.mean()),
+           "clean_acc": float((clean == y).mean()), "pgd_acc": float((adv == y).mean()),
+           "certified": int(certified.sum()),
+           "certified_flipped": int((certified & (adv != cert)).sum()),
            "seconds": time.perf_counter() - t0}
     _print(res, args.json, f"attack {path}")
     return 0

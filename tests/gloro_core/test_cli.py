@@ -53,6 +53,8 @@ def test_attack(run_dir, capsys):
     assert main(["attack", str(run_dir), "--json", "--limit", "24", "--steps", "5"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 24 and 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
+    # what certify certified at this eps, PGD flipped none of (and some were certified)
+    assert res["certified"] > 0 and res["certified_flipped"] == 0
 
 
 def test_lipschitz(run_dir, capsys):
