@@ -2,20 +2,22 @@
 """GPU benchmarks for the ``cupy`` and ``numba_cuda`` backends (needs a CUDA device).
 
     python bench/gpu_bench.py kernels [--json k.json] [--reps 20]
-    python bench/gpu_bench.py train [--json t.json] [--arch 2C2F] [--n 60000] [--batch 256]
-    python bench/gpu_bench.py report k.json t.json [--pytest-line "..."]   # one table
+    python bench/gpu_bench.py train --backend cupy|numba_cuda [--json t.json] [--arch 2C2F] [--n 60000]
+    python bench/gpu_bench.py report [--kernels k.json] [--train t.json ...] [--pytest-line "..."]
 
 kernels: every conv/dense op at the paper's layer shapes (batch 256), each GPU
 backend, timed with CUDA events (median of ``--reps`` after warm-up/compilation),
 reported as GFLOP/s next to ``cupy.matmul`` of an (M, K) x (K, N) float32 product
 with the same FLOP count measured in the same run (the vendor-GEMM ceiling), and
-the fused ops (Adam, power steps) next to the unfused CuPy expressions they replace.
+the fused/element-wise ops (Adam, MinMax, power steps) next to the CuPy
+expressions they replace. Exit 1 when a backend is unavailable, 2 without a device.
 
-train: one GloRo training epoch of 2C2F on synthetic MNIST-shaped data through
-``python -m gloro_core train --dataset synthetic ...`` (the CLI; the dataset size
-goes through ``--synthetic-n`` when the CLI has it, else through the Python API
-``gloro_core.train.TrainConfig(synthetic_n=...)``), reporting the epoch's train
-time from the run's metrics.jsonl.
+train: one GloRo training epoch on synthetic MNIST-shaped data, in this process,
+through ``gloro_core.train.train(TrainConfig(..., device="gpu"))`` with the chosen
+backend as the default for GPU arrays (the CLI has no --synthetic-n). It counts the
+training steps, the host syncs during them (see SyncCounter) and which backend ran
+each kernel op, and fails (exit 1, 2 without a GPU) unless the GEMM ops ran on the
+chosen backend and none on a CPU backend.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -167,6 +168,26 @@ def _bench_fused(cp, registry, avail, reps):
             row["error"] = avail[be]
         rows.append(row)
 
+    # MinMax on 2C2F's first conv output (256, 16, 14, 14)
+    x = rng.standard_normal((256, 16, 14, 14), dtype=cp.float32)
+    gy = rng.standard_normal(x.shape, dtype=cp.float32)
+
+    def mm_expr():
+        a, b = x[:, 0::2], x[:, 1::2]
+        return cp.stack([cp.minimum(a, b), cp.maximum(a, b)], axis=2).reshape(x.shape)
+
+    base, _ = _timer(cp, mm_expr, reps)
+    for op, call in (("minmax", lambda f: f(x)), ("minmax_grad", lambda f: f(x, gy))):
+        for be in BACKENDS:
+            row = {"kind": "fused", "op": op, "layer": "2C2F.c1", "backend": be,
+                   "baseline": "cupy minimum/maximum (fwd)", "baseline_ms": base}
+            if avail[be] is None:
+                fn = registry.get(op, be)
+                row["ms"], _ = _timer(cp, lambda: call(fn), reps)
+            else:
+                row["error"] = avail[be]
+            rows.append(row)
+
     # power step on 2C2F conv 2 (iterate 1x16x14x14) and dense 1 (1568 -> 100)
     xs, w = (1, 16, 14, 14), rng.standard_normal((32, 16, 4, 4), dtype=cp.float32)
     s = (2, 2)
@@ -214,51 +235,174 @@ def _cp_dense_step(cp, v, w):
 
 # ---------------------------------------------------------------- training epoch
 
-def bench_train(args):
-    out = tempfile.mkdtemp(prefix="gloro_gpu_epoch_")
-    helptext = subprocess.run([sys.executable, "-m", "gloro_core", "train", "--help"], cwd=ROOT,
-                              capture_output=True, text=True).stdout
-    cmd = [sys.executable, "-m", "gloro_core", "train", "--dataset", "synthetic", "--arch", args.arch,
-           "--epochs", "1", "--batch", str(args.batch), "--backend", args.backend, "--out", out,
-           "--no-progress", "--power-iters", str(args.power_iters)]
-    if "--device" in helptext:
-        cmd += ["--device", "gpu"]
-    result = {"arch": args.arch, "n": args.n, "batch": args.batch, "backend": args.backend, "out": out}
-    env = dict(os.environ, GLORO_BACKEND=args.backend)
+class SyncCounter:
+    """Counts host syncs while ``active``: the CuPy calls that copy to the host or wait
+    (ndarray.get/item/tolist/__float__/__int__/__bool__/__index__, Stream.synchronize)
+    and numba's Stream.synchronize (numba_cuda's ``as_cuda_array(sync=True)``).
+
+    Patches the classes in this process only (the bench's own process); nested calls
+    (float() calling get()) count once. Not a profiler: a sync inside compiled code
+    (cupy.bincount's output size, say) is not seen, so this is a lower bound."""
+
+    CUPY_METHODS = ("get", "item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, cupy_mod=None, numba_stream_cls=None):
+        self.counts: dict[str, int] = {}
+        self.active = False
+        self._depth = 0
+        self._undo = []
+        targets = []
+        if cupy_mod is not None:
+            targets += [(cupy_mod.ndarray, m, f"ndarray.{m}") for m in self.CUPY_METHODS]
+            targets.append((cupy_mod.cuda.Stream, "synchronize", "cupy Stream.synchronize"))
+        if numba_stream_cls is not None:
+            targets.append((numba_stream_cls, "synchronize", "numba Stream.synchronize"))
+        for cls, name, label in targets:
+            orig = cls.__dict__.get(name)
+            if orig is None and not hasattr(cls, name):
+                continue
+            try:
+                setattr(cls, name, self._wrap(getattr(cls, name), label))
+            except (TypeError, AttributeError):  # an extension type: not patchable, not counted
+                self.counts.setdefault(f"{label} (not counted)", 0)
+                continue
+            self._undo.append((cls, name, orig))
+
+    def _wrap(self, fn, label):
+        counter = self
+
+        def wrapped(*a, **k):
+            if counter.active and counter._depth == 0:
+                counter.counts[label] = counter.counts.get(label, 0) + 1
+            counter._depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                counter._depth -= 1
+
+        return wrapped
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def restore(self):
+        for cls, name, orig in reversed(self._undo):
+            if orig is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, orig)
+        self._undo.clear()
+
+
+def _numba_stream_cls():
+    try:
+        from numba.cuda.cudadrv import driver
+        return driver.Stream
+    except Exception:
+        return None
+
+
+def bench_train(args, train_fn=None):
+    """One GloRo epoch with device="gpu" and ``args.backend`` as the default GPU backend.
+
+    Counts training steps, host syncs (SyncCounter, paused during evaluation) and which
+    backend ran each kernel op; fails (result["error"]) when the GPU is missing or any
+    GEMM op ran on a CPU backend."""
+    from kernels import registry
+
+    result = {"arch": args.arch, "n": args.n, "batch": args.batch, "backend": args.backend,
+              "device": "gpu", "via": "python api, TrainConfig(device='gpu')"}
+    why = registry.availability().get(args.backend, f"unknown backend {args.backend!r}")
+    if why is None and registry.device_of(args.backend) != "gpu":
+        why = f"{args.backend!r} is not a GPU backend"
+    if why is not None:
+        result.update(rc=2, error=f"no GPU for backend {args.backend}: {why}")
+        return result
+
+    import cupy as cp
+
+    import gloro_core.train as tr
+
+    out = args.out or tempfile.mkdtemp(prefix=f"gloro_gpu_epoch_{args.backend}_")
+    result["out"] = out
+    cfg = tr.TrainConfig(dataset="synthetic", arch=args.arch, epochs=1, batch=args.batch,
+                         power_iters=args.power_iters, out=out, progress=False,
+                         synthetic_n=(args.n, args.n_test), device="gpu")
+    counter = SyncCounter(cp, _numba_stream_cls())
+    calls: dict[str, int] = {}
+    steps = [0]
+    real_get, real_batches, real_eval = registry.get, tr.data_mod.batches, tr.evaluate
+
+    def get(op, backend):
+        if counter.active:
+            key = f"{op}:{backend}"
+            calls[key] = calls.get(key, 0) + 1
+        return real_get(op, backend)
+
+    def batches(*a, **k):
+        counter.active = True  # counting starts with the first training batch
+        for idx in real_batches(*a, **k):
+            steps[0] += 1
+            yield idx
+
+    def evaluate(*a, **k):
+        counter.active = False  # evaluation is not a training step
+        return real_eval(*a, **k)
+
+    registry.get, tr.data_mod.batches, tr.evaluate = get, batches, evaluate
     t0 = time.perf_counter()
-    if "--synthetic-n" in helptext:
-        cmd += ["--synthetic-n", f"{args.n},{args.n_test}"]
-        result["via"] = "cli"
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    else:
-        # the CLI cannot set the synthetic size yet: same run through the Python API
-        code = (
-            "import sys\nfrom gloro_core.train import TrainConfig, train\n"
-            f"cfg = TrainConfig(dataset='synthetic', arch={args.arch!r}, epochs=1, batch={args.batch}, "
-            f"power_iters={args.power_iters}, out={out!r}, progress=False, "
-            f"synthetic_n=({args.n}, {args.n_test}))\n"
-            "train(cfg, log=lambda s: print(s, flush=True))\n"
-        )
-        result["via"] = "python api (CLI has no --synthetic-n)"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        with registry.default_backend(args.backend):
+            (train_fn or tr.train)(cfg, log=lambda m: print(m, flush=True))
+        cp.cuda.Device().synchronize()
+    except Exception as exc:
+        result.update(rc=1, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        counter.active = False
+        registry.get, tr.data_mod.batches, tr.evaluate = real_get, real_batches, real_eval
+        counter.restore()
     result["wall_s"] = time.perf_counter() - t0
-    result["rc"] = proc.returncode
-    result["log_tail"] = (proc.stdout + proc.stderr)[-2000:]
+    result["steps"] = steps[0]
+    result["host_syncs"] = counter.total
+    result["host_syncs_by_call"] = dict(counter.counts)
+    result["host_syncs_per_step"] = counter.total / steps[0] if steps[0] else None
+    result["op_calls"] = calls
+    if "error" not in result:
+        on_cpu = sorted(k for k in calls if registry.device_of(k.split(":")[1]) == "cpu"
+                        and k.split(":")[0].startswith(("conv2d", "dense")))
+        ran = sum(v for k, v in calls.items() if k.endswith(":" + args.backend))
+        if on_cpu or not ran:
+            result.update(rc=1, error=f"the epoch did not run on {args.backend}: CPU GEMM ops {on_cpu}, "
+                                      f"{ran} op calls on {args.backend}")
+        else:
+            result["rc"] = 0
     metrics = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics):
         with open(metrics) as f:
             lines = [json.loads(x) for x in f if x.strip()]
         if lines:
-            last = lines[-1]
             for k in ("epoch_s", "eval_s", "samples_per_s", "loss", "vra", "clean_acc", "peak_mem_mb"):
-                if k in last:
-                    result[k] = last[k]
+                if k in lines[-1]:
+                    result[k] = lines[-1][k]
     return result
 
 
 # ---------------------------------------------------------------- report
 
-def print_table(krows, train=None, pytest_line=None):
+def _train_line(t):
+    head = f"GloRo {t.get('arch')} epoch, backend {t.get('backend')}, device {t.get('device')}"
+    if t.get("rc") != 0 or "epoch_s" not in t:
+        return f"{head}: FAILED (rc {t.get('rc')}): {t.get('error', '')}"
+    sps = t.get("host_syncs_per_step")
+    syncs = "n/a" if sps is None else f"{sps:.1f}"
+    return (f"{head}: synthetic n={t['n']}, batch {t['batch']}: {t['epoch_s']:.2f} s train "
+            f"({t.get('samples_per_s', float('nan')):.0f} samples/s, {t.get('steps')} steps), "
+            f"eval {t.get('eval_s', float('nan')):.2f} s, host syncs/step {syncs} "
+            f"({t.get('host_syncs_by_call', {})})")
+
+
+def print_table(krows, trains=(), pytest_line=None):
     lines = []
     if pytest_line:
         lines.append(f"pytest -m gpu: {pytest_line}")
@@ -280,13 +424,8 @@ def print_table(krows, train=None, pytest_line=None):
         for r in fused:
             ms = f"{r['ms']:8.3f}" if "ms" in r else "     n/a"
             lines.append(f"{r['op']:20} {r['layer']:10} {r['backend']:11} {ms} {r['baseline_ms']:11.3f}  {r['baseline']}")
-    if train:
-        if train.get("rc") == 0 and "epoch_s" in train:
-            lines.append(f"GloRo {train['arch']} epoch (synthetic n={train['n']}, batch {train['batch']}, "
-                         f"backend {train['backend']}, via {train['via']}): {train['epoch_s']:.2f} s train, "
-                         f"{train.get('samples_per_s', float('nan')):.0f} samples/s, eval {train.get('eval_s', float('nan')):.2f} s")
-        else:
-            lines.append(f"GloRo {train.get('arch')} epoch: FAILED (rc {train.get('rc')}), log tail:\n{train.get('log_tail', '')}")
+    for t in trains or ():
+        lines.append(_train_line(t))
     print("\n".join(lines))
 
 
@@ -302,11 +441,12 @@ def main(argv=None):
     t.add_argument("--n-test", type=int, default=10000)
     t.add_argument("--batch", type=int, default=256)
     t.add_argument("--power-iters", type=int, default=10)
-    t.add_argument("--backend", default="cupy")
+    t.add_argument("--backend", default="cupy", choices=BACKENDS)
+    t.add_argument("--out", default=None, help="run directory (default: a new temp dir)")
     t.add_argument("--json", default=None)
     r = sub.add_parser("report")
-    r.add_argument("kernels_json", nargs="?")
-    r.add_argument("train_json", nargs="?")
+    r.add_argument("--kernels", default=None, help="kernels --json output")
+    r.add_argument("--train", action="append", default=[], help="train --json output (repeatable)")
     r.add_argument("--pytest-line", default=None)
     args = ap.parse_args(argv)
 
@@ -322,16 +462,27 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         print_table(rows)
+        missing = [r for r in rows if "error" in r]
+        return 1 if missing else 0
     elif args.cmd == "train":
         res = bench_train(args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
-        print_table([], res)
-        return 0 if res["rc"] == 0 else 1
+        print_table([], [res])
+        if res["rc"] != 0:
+            print(f"gpu_bench train: {res.get('error')}", file=sys.stderr)
+        return res["rc"]
     else:
-        load = lambda p: json.load(open(p)) if p and os.path.exists(p) else None  # noqa: E731
-        print_table(load(args.kernels_json) or [], load(args.train_json), args.pytest_line)
+        def load(p):
+            if not p or not os.path.exists(p):
+                return None
+            with open(p) as f:
+                return json.load(f)
+
+        trains = [load(p) or {"arch": "?", "backend": os.path.basename(p)[6:-5] if os.path.basename(p).startswith("train_")
+                              else p, "rc": "-", "error": f"not run ({p} missing)"} for p in args.train]
+        print_table(load(args.kernels) or [], trains, args.pytest_line)
     return 0
 
 
