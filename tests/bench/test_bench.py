@@ -14,6 +14,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = os.path.join(ROOT, "bench", "run.py")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the bench's modules are scripts' siblings, not a package
+import shapes  # noqa: E402
+import torch_worker  # noqa: E402
 
 
 def _run(tmp_path, *args, timeout=240):
@@ -67,6 +70,9 @@ def test_torch_column_and_reference_scaling(tmp_path):
     # timed at N=8, scaled linearly to 256
     assert ref["median_ms"] == pytest.approx(ref["measured_ms"] * 32, rel=1e-9)
     assert recs["numpy"]["gbps"] > 0 and "gflops" not in recs["numpy"]
+    t = recs["torch"]
+    assert t["median_ms"] == pytest.approx(min(t["torch_glibc_ms"], t["torch_tuned_ms"]), rel=1e-9)
+    assert t["malloc"] in ("glibc defaults", "raised malloc thresholds")
 
 
 def test_step_records_or_skip_note(tmp_path):
@@ -84,7 +90,25 @@ def test_step_records_or_skip_note(tmp_path):
         assert ours["step/gloro/2C2F"]["compile_s"] >= 0
     if HAS_TORCH:
         t = {r["name"]: r for r in recs if r["backend"] == "torch"}
-        assert t["step/gloro/2C2F"]["median_ms"] > 0
+        tg = t["step/gloro/2C2F"]
+        assert tg["median_ms"] > 0
+        # PyTorch at its best: the faster of its two malloc settings, both medians kept
+        both = (tg["torch_glibc_ms"], tg["torch_tuned_ms"])
+        assert tg["median_ms"] == pytest.approx(min(both), rel=1e-9)
+        assert tg["malloc"] == ("glibc defaults" if both[0] <= both[1] else "raised malloc thresholds")
+        if have_model:
+            og = ours["step/gloro/2C2F"]
+            assert og["ours_over_torch"] == pytest.approx(og["median_ms"] / tg["median_ms"], rel=1e-9)
+            assert og["ours_over_torch_glibc"] == pytest.approx(og["median_ms"] / both[0], rel=1e-9)
+    # the FLOP floor: the step's FLOPs over the run's headline sgemm rate
+    for r in recs:
+        if r["workload"] == "step":
+            want = shapes.step_flops("2C2F", 16, r["name"].split("/")[1], r["power_iters"])
+            assert r["step_gflop"] == pytest.approx(want / 1e9, rel=1e-12)
+            assert r["gflops"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9)
+            assert r["frac_floor"] == pytest.approx(r["gflops"] / data["meta"]["sgemm_gflops"], rel=1e-9)
+    # the bench puts no thread policy into the environment
+    assert data["meta"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
 
 
 def test_memory_and_scaling_records(tmp_path):
@@ -107,6 +131,26 @@ def test_memory_and_scaling_records(tmp_path):
         assert b1["blas1_over_blasN"] == pytest.approx(b1["median_ms"] / b2["median_ms"], rel=1e-9)
 
 
+def test_step_flops_formula():
+    """2C2F at batch n: c1 1x28x28 -> 16x14x14 (k4), c2 -> 32x7x7 (k4), d1 1568 -> 100, d2 100 -> 10."""
+    macs = [14 * 14 * 16 * 1 * 16, 7 * 7 * 32 * 16 * 16, 1568 * 100, 100 * 10]
+    assert [shapes.layer_macs(r) for r in shapes.layer_table("2C2F")] == macs
+    n, p = 8, 3
+    standard = 2 * n * macs[0] * 2 + sum(2 * n * m * 3 for m in macs[1:])  # no grad-input for the images
+    assert shapes.step_flops("2C2F", n, "standard", 0) == standard
+    power = sum(4 * m * p + 4 * m for m in macs[:-1])  # batch-1 iterates, all layers but the last
+    assert shapes.step_flops("2C2F", n, "gloro", p) == standard + power
+
+
+def test_torch_worker_environment():
+    """Each PyTorch worker starts from the bench's environment; only GLIBC_TUNABLES differs."""
+    base = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "OMP_NUM_THREADS": "3"}
+    glibc, tuned = torch_worker.worker_env(base, "glibc"), torch_worker.worker_env(base, "tuned")
+    assert glibc == {"PATH": "/bin", "OMP_NUM_THREADS": "3"}
+    assert tuned == dict(glibc, GLIBC_TUNABLES=torch_worker.TUNED)
+    assert "mmap_threshold=1073741824" in torch_worker.TUNED and "trim_threshold=1073741824" in torch_worker.TUNED
+
+
 def test_bad_arguments_fail_cleanly():
     proc = subprocess.run([sys.executable, RUN, "--quick", "--full"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
@@ -118,7 +162,6 @@ torch = pytest.importorskip("torch") if HAS_TORCH else None
 
 
 def _tr():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import torch_ref
 
     return torch_ref
