@@ -77,8 +77,17 @@ try:
                           "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip())
 except Exception as exc:
     print(f"nvidia-smi: {exc}")
-import numpy
-print("python", sys.version.split()[0], "numpy", numpy.__version__)
+import importlib
+missing = []
+for mod in ("numpy", "numba", "scipy", "threadpoolctl", "tqdm", "cupy", "pytest", "hypothesis"):
+    try:  # the project's dependencies: nothing can be installed on a lent machine
+        m = importlib.import_module(mod)
+        print(f"{mod:13s} {getattr(m, '__version__', '?')}")
+    except Exception as exc:  # threadpoolctl, tqdm, scipy, hypothesis: some features or tests only
+        if mod in ("numpy", "numba", "cupy", "pytest"):
+            missing.append(mod)
+        print(f"{mod:13s} MISSING: {type(exc).__name__}: {exc}")
+print("python", sys.version.split()[0])
 try:
     import cupy
     print("cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())
@@ -89,8 +98,9 @@ avail = registry.availability()
 for b in ("cupy", "numba_cuda"):
     print(f"{b:11s}", "available" if avail[b] is None else f"UNAVAILABLE: {avail[b]}")
 bad = [b for b in ("cupy", "numba_cuda") if avail[b] is not None]
-print("both GPU backends available" if not bad else f"no GPU backend: {', '.join(bad)}")
-sys.exit(1 if bad else 0)
+print(("both GPU backends available" if not bad else f"no GPU backend: {', '.join(bad)}")
+      + (f"; missing packages: {', '.join(missing)}" if missing else ""))
+sys.exit(1 if bad or missing else 0)
 PY
 
 step pytest_gpu 120 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests

@@ -126,7 +126,8 @@ def test_gpu_check_without_gpu_writes_summary_and_fails(tmp_path):
     folder given, a clear skip line without compute-sanitizer, non-zero exit."""
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "python3").symlink_to(sys.executable)
+    (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink loses the venv
+    (shim / "python3").chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}",
                GPU_CHECK_STEPS="device memcheck kernels train_cupy")

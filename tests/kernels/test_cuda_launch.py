@@ -310,3 +310,24 @@ def test_store_functors_index_past_2_31(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     got = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
     assert got == {k: BIG - 1 for k in ("conv_fwd", "conv_bwd_input", "row_major", "dense")}, got
+
+
+# ---------------------------------------------------------------- CUDA 12 and 13
+
+def test_cuda12_and_cuda13_extras():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    assert any(d.startswith("cupy-cuda12x") for d in extras["cuda12"])
+    assert any(d.startswith("cupy-cuda13x") for d in extras["cuda13"])
+
+
+def test_no_cupy_version_assumptions():
+    """The GPU code runs on CuPy 13 (CUDA 12) and 14 (CUDA 13) alike: no version checks,
+    no NVRTC paths or arch options tied to one toolkit."""
+    root = Path(cb.__file__).resolve().parent
+    for path in [root / "cupy_backend.py", root / "numba_cuda_backend.py", *sorted((root / "cuda").glob("*.cu"))]:
+        text = path.read_text()
+        for bad in ("__version__", "cuda12", "cuda-12", "libnvrtc", "CUDA_PATH", "-arch=", "compute_"):
+            assert bad not in text, f"{path.name} mentions {bad!r}"
+    assert all(not o.startswith(("-arch", "--gpu-architecture")) for o in cb.NVRTC_OPTIONS)
