@@ -345,6 +345,7 @@ def bench_train(args, train_fn=None):
         for idx in real_batches(*a, **k):
             steps[0] += 1
             yield idx
+        counter.active = False  # the epoch's last step is done: update_lipschitz is not a step
 
     def evaluate(*a, **k):
         counter.active = False  # evaluation is not a training step
