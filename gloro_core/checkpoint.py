@@ -157,6 +157,21 @@ def _check_member_sizes(z) -> None:
                              f"({nbytes} bytes) but the member holds {info.file_size} bytes")
 
 
+def check_arrays(path, arrays: dict, expect: dict) -> None:
+    """ValueError naming the file and key unless every ``expect`` name is in ``arrays`` as a
+    finite float array of the expected shape."""
+    for key, shp in expect.items():
+        if key not in arrays:
+            raise ValueError(f"{path}: missing array {key!r}")
+        a = arrays[key]
+        if tuple(a.shape) != tuple(shp):
+            raise ValueError(f"{path}: array {key!r} has shape {tuple(a.shape)}, expected {tuple(shp)}")
+        if a.dtype.kind != "f":
+            raise ValueError(f"{path}: array {key!r} has dtype {a.dtype}, expected a float array")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{path}: array {key!r} contains NaN or inf")
+
+
 def load_npz(path):
     """Read a ``gloro-npz/1`` file: returns (meta dict, {name: array}, extra).
 

@@ -211,7 +211,7 @@ def _load_run(args):
             what = f"reading {name} from {data_dir or 'its default location'}"
         print(f"note: {what} ({' and '.join(saved)} saved in the checkpoint {path})",
               file=sys.stderr)
-    from .model import _check_int
+    from .checks import check_int as _check_int
 
     def saved_ints(key, default, count):
         """cfg[key] (the checkpoint's) as `count` positive ints, or a ValueError naming it."""
@@ -235,7 +235,7 @@ def _load_run(args):
     if args.eps is not None:
         return net, cfg, path, x, y, args.eps
     eps = cfg.get("eps", net.eps)   # the run's test eps; net.eps is it too (or the only one saved)
-    from .model import _check_eps
+    from .checks import check_eps as _check_eps
 
     try:
         eps = _check_eps(eps)

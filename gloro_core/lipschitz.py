@@ -1,10 +1,11 @@
 """Per-layer linear operators and the power method that estimates their l2 norms.
 
-A :class:`LinearOp` describes one dense or conv layer at its real input size (stride
-and padding included) and applies the operator A (no bias) and its adjoint A^T with
-the raw kernels: no autodiff, so nothing here ever enters a gradient. The model keeps
-one iterate per layer, shaped like the layer input with batch 1, and updates it in
-place across training steps.
+``op`` below is a linear layer of gloro_core.layers at its real input size (stride and
+padding included): it applies the operator A (no bias) and its adjoint A^T with the raw
+kernels (``op.apply``, ``op.adjoint``, and ``op.raw_ops`` for the steps' direct backend
+calls): no autodiff, so nothing here ever enters a gradient. Each layer keeps one
+iterate, shaped like its input with batch 1 (``op.iterate_shape``), updated across
+training steps.
 
 Power step (two half-steps, each normalised, so the magnitudes handled are ~sigma and
 never sigma**2: tiny weights neither underflow nor get biased by an epsilon):
@@ -19,73 +20,12 @@ provable bounds of gloro_core.bounds unless told otherwise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-import kernels
 from kernels import registry, threads
+from kernels.checks import check_float, check_same_dtype
 from kernels.registry import array_module
-from kernels.checks import check_conv, check_float, check_same_dtype, check_stride, conv_out_hw, resolve_padding
-
-from . import bounds
-
-
-@dataclass
-class LinearOp:
-    """One linear layer as an operator on a single example.
-
-    kind: "conv" or "dense"; in_shape: (C, H, W) or (n_in,); out_shape likewise;
-    w_shape: (O, C, kh, kw) or (out, in); stride: (sh, sw); padding: as given to kernels.
-    """
-
-    kind: str
-    in_shape: tuple
-    out_shape: tuple
-    w_shape: tuple
-    stride: tuple = (1, 1)
-    padding: object = "same"
-
-    @classmethod
-    def conv(cls, in_shape, filters, kernel, stride=1, padding="same"):
-        c, h, w = (int(v) for v in in_shape)
-        kh, kw = (kernel, kernel) if np.isscalar(kernel) else (int(kernel[0]), int(kernel[1]))
-        s = check_stride(stride)
-        pads = resolve_padding(padding, (h, w), (kh, kw), s)
-        oh, ow = conv_out_hw((h, w), (kh, kw), s, pads)
-        return cls("conv", (c, h, w), (int(filters), oh, ow), (int(filters), c, kh, kw), s, padding)
-
-    @classmethod
-    def dense(cls, n_in, units):
-        return cls("dense", (int(n_in),), (int(units),), (int(units), int(n_in)))
-
-    def flops(self) -> int:
-        """Multiply-adds of A v for one iterate (the power steps' cost, for scheduling)."""
-        n = int(np.prod(self.w_shape))
-        return n * int(np.prod(self.out_shape[1:])) if self.kind == "conv" else n
-
-    @property
-    def iterate_shape(self) -> tuple:
-        """Shape of the power iterate: the layer input with batch 1."""
-        return (1,) + tuple(self.in_shape)
-
-    def apply(self, w, v):
-        """A v (no bias): v (N, *in_shape) -> (N, *out_shape)."""
-        if self.kind == "conv":
-            return kernels.conv2d(v, w, None, self.stride, self.padding)
-        return kernels.dense(v, w, None)
-
-    def adjoint(self, w, u):
-        """A^T u: u (N, *out_shape) -> (N, *in_shape)."""
-        if self.kind == "conv":
-            return kernels.conv2d_adjoint(u, w, (u.shape[0],) + tuple(self.in_shape), self.stride, self.padding)
-        return kernels.dense_adjoint(u, w)
-
-    def provable(self, w, method="auto"):
-        """(provable upper bound of ||A||_2 in float64, method name); method for convs only."""
-        if self.kind == "conv":
-            return bounds.conv_provable_bound(w, self.in_shape[1:], self.stride, self.padding, method)
-        return bounds.dense_norm(w), "svd"
 
 
 def _norm(a) -> float:
@@ -96,26 +36,6 @@ def _norm(a) -> float:
         # then busy-waits ~0.1 s, which slowed the next forward pass by 40% (4C3F step)
         return math.sqrt(float(np.einsum("i,i->", a64, a64)))  # IEEE sqrt, as np.sqrt
     return float(array_module(a).sqrt(a64 @ a64))
-
-
-def _raw_ops(op: LinearOp, w, v):
-    """(apply, adjoint) as direct backend calls for iterates like ``v``, validated once.
-
-    The power steps call A and A^T ~2 * iters times per layer and step on batch-1
-    arrays, where the API's per-call validation and dispatch cost as much as the
-    kernels themselves; the first A v goes through the API (same checks, same errors),
-    the rest call the selected backend functions with the resolved stride/padding.
-    """
-    if op.kind == "conv":
-        s, pads, _ = check_conv(v.shape, w, op.stride, op.padding)
-        fa = registry.get("conv2d", registry.select("conv2d", v))
-        # A v has v's batch and array type, all that selection looks at
-        fb = registry.get("conv2d_grad_input", registry.select("conv2d_grad_input", v))
-        x_shape = tuple(v.shape)
-        return (lambda a: fa(a, w, None, s, pads)), (lambda b: fb(b, w, x_shape, s, pads))
-    fa = registry.get("dense", registry.select("dense", v))
-    fb = registry.get("dense_grad_input", registry.select("dense_grad_input", v))
-    return (lambda a: fa(a, w, None)), (lambda b: fb(b, w))
 
 
 def power_update_layers(ops, weights, iterates, iters: int) -> list:
@@ -155,7 +75,7 @@ def power_update_layers(ops, weights, iterates, iters: int) -> list:
     return out
 
 
-def _fused_steps(op: LinearOp, w, v):
+def _fused_steps(op, w, v):
     """``f(v, iters) -> (v, ok)`` running all steps in one backend call, or None.
 
     Used where the backend that the separate ops would select for ``v`` registers
@@ -163,7 +83,7 @@ def _fused_steps(op: LinearOp, w, v):
     per step). Checks what the API would (the fused call bypasses it) with the same
     errors: float arrays of one dtype, w of the layer's shape, v one iterate.
     """
-    name = "conv2d" if op.kind == "conv" else "dense"
+    name = op.kernel
     backend = registry.select(name, v)
     if not registry.has(name + "_power_steps", backend):
         return None
@@ -175,13 +95,11 @@ def _fused_steps(op: LinearOp, w, v):
     if tuple(v.shape) != op.iterate_shape:
         raise ValueError(f"the iterate must have shape {op.iterate_shape}, got {tuple(v.shape)}")
     fn = registry.get(name + "_power_steps", backend)
-    if op.kind == "conv":
-        s, pads, _ = check_conv(v.shape, w, op.stride, op.padding)
-        return lambda a, n: fn(a, w, n, s, pads)
-    return lambda a, n: fn(a, w, n)
+    args = op.kernel_args(w, v)
+    return lambda a, n: fn(a, w, n, *args)
 
 
-def _run_fused(fused, op: LinearOp, w, v, iters: int, sigma: bool):
+def _run_fused(fused, op, w, v, iters: int, sigma: bool):
     """power_steps' result through a function from _fused_steps."""
     v, ok = fused(v, int(iters))
     if not ok:  # A v or A^T u was exactly 0 (see module docstring)
@@ -189,14 +107,14 @@ def _run_fused(fused, op: LinearOp, w, v, iters: int, sigma: bool):
     return v, (_norm(op.apply(w, v)) if sigma else None)
 
 
-def init_iterate(op: LinearOp, rng, dtype=np.float32):
+def init_iterate(op, rng, dtype=np.float32):
     """A random unit iterate of shape op.iterate_shape."""
     v = rng.standard_normal(op.iterate_shape)
     v /= np.linalg.norm(v)
     return v.astype(dtype)
 
 
-def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
+def power_steps(op, w, v, iters: int, sigma: bool = True):
     """Run ``iters`` power steps from ``v``; returns (new iterate, sigma = ||A v_new||).
 
     w: the layer weight (raw array); v: (1, *in_shape), same dtype as w. ``v`` is not
@@ -211,7 +129,7 @@ def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
     u = op.apply(w, v)  # validated through the API; the rest are direct backend calls
     if not iters:
         return v, (_norm(u) if sigma else None)
-    apply, adjoint = _raw_ops(op, w, v)
+    apply, adjoint = op.raw_ops(w, v)
     for it in range(int(iters)):
         if it:
             u = apply(v)
@@ -228,7 +146,7 @@ def power_steps(op: LinearOp, w, v, iters: int, sigma: bool = True):
     return v, (_norm(apply(v)) if sigma else None)
 
 
-def converge(op: LinearOp, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=None):
+def converge(op, w, v, tol: float = 1e-5, max_iter: int = 1000, dtype=None):
     """Power method to convergence (or ``max_iter`` steps), in float64 by default.
 
     Stops when both the relative change of sigma is below ``tol`` and the eigen-residual

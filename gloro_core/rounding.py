@@ -2,7 +2,7 @@
 
 Certification compares a float32 margin with eps·K_ij; the comparison is a proof only
 after subtracting a bound on |f(x)_i - y_i|, where f is the network in exact arithmetic
-and y the computed logits. ``GloroNet._forward_with_error`` bounds this per coordinate
+and y the computed logits. ``certification.Certifier.forward_with_error`` bounds this per coordinate
 with a second, float64 forward pass over |W| (tight, but it costs more than the forward
 pass itself). This module bounds it from norms alone, so it costs O(n·d) on the input
 and nothing per layer; certification uses it first and runs the tight pass only on the
@@ -50,20 +50,17 @@ _INFLATE = 1.0 + 1e-9
 _TINY64 = bounds.TINY
 
 
-def abs_operator_bound(w, kind: str) -> float:
+def abs_operator_bound(w) -> float:
     """Upper bound on ||A_|W|||_2 by the Schur test, in float64.
 
-    w: conv weight (O, C, kh, kw) or dense weight (out, in). A row of the conv operator
-    sums at most C·kh·kw kernel entries of one filter; a column (one input pixel) meets
-    each (filter, tap) pair at most once, whatever the stride and padding.
+    w: a weight (out, in, *taps) whose operator's rows sum the entries of one output
+    channel's slice w[o] and whose columns meet each (out, tap) entry of one input channel's
+    slice w[:, c] at most once: a dense weight (out, in), or a conv weight (O, C, kh, kw)
+    whatever the stride and padding.
     """
     a = np.abs(np.asarray(w, dtype=np.float64))
-    if kind == "conv":
-        row, col = a.sum(axis=(1, 2, 3)).max(), a.sum(axis=(0, 2, 3)).max()
-    elif kind == "dense":
-        row, col = a.sum(axis=1).max(), a.sum(axis=0).max()
-    else:
-        raise ValueError(f"kind must be 'conv' or 'dense', got {kind!r}")
+    others = tuple(range(2, a.ndim))
+    row, col = a.sum(axis=(1,) + others).max(), a.sum(axis=(0,) + others).max()
     # sqrt of each factor: row * col underflows to 0 for 1e-200 weights
     return math.sqrt(row) * math.sqrt(col) * _INFLATE + _TINY64
 
@@ -114,8 +111,9 @@ class LayerConstants:
         self.limit = float(limit)
 
 
-def layer_constants(kind, w, b, out_positions: int, sigma: float, dtype, last: bool) -> LayerConstants:
-    """LayerConstants for a conv (w OIHW) or dense (w (out, in)) layer with bias b."""
+def layer_constants(w, b, out_positions: int, sigma: float, sigma_abs: float, dtype, last: bool) -> LayerConstants:
+    """LayerConstants for a layer with weight w (out, in, *taps), bias b (out,) broadcast over
+    out_positions, sigma >= ||A_W||_2 and sigma_abs >= ||A_|W|||_2."""
     w64 = np.asarray(w, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
     fan = int(np.prod(w64.shape[1:]))
@@ -127,7 +125,7 @@ def layer_constants(kind, w, b, out_positions: int, sigma: float, dtype, last: b
         absb = np.abs(b64)
     per_output = (fan + 1) * float(np.finfo(dtype).smallest_subnormal)
     underflow = per_output if last else per_output * math.sqrt(w64.shape[0] * out_positions)
-    return LayerConstants(sigma * _INFLATE, abs_operator_bound(w64, kind), gamma(fan, dtype), bias_norm,
+    return LayerConstants(sigma * _INFLATE, sigma_abs, gamma(fan, dtype), bias_norm,
                           underflow * _INFLATE, rows, absb, float(np.finfo(dtype).max))
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from gloro_core import bounds
-from gloro_core.lipschitz import LinearOp, converge, init_iterate, power_steps
+from gloro_core.layers import Conv, Dense
+from gloro_core.lipschitz import converge, init_iterate, power_steps
 
 # (O, C, k, stride, padding, H, W): strides 1 and 2 (and 3), SAME and VALID, odd and even
 CASES = [
@@ -33,7 +34,7 @@ def test_conv_bounds_vs_explicit_svd(o, c, k, s, pad, h, w):
     # ... and from index arithmetic: two independent constructions agree exactly
     np.testing.assert_array_equal(a, bounds.conv_matrix_direct(wt, (h, w), s, pad))
     exact = bounds.matrix_norm(a)
-    op = LinearOp.conv((c, h, w), o, k, s, pad)
+    op = Conv((c, h, w), o, k, s, pad)
     assert a.shape == (int(np.prod(op.out_shape)), c * h * w)
     v0 = init_iterate(op, rng, np.float32)
     _, p_few = power_steps(op, wt, v0, 3)
@@ -68,7 +69,7 @@ def test_dense_bounds():
         w = rng.standard_normal(shape).astype(np.float32)
         exact = bounds.matrix_norm(bounds.dense_operator_matrix(w))
         np.testing.assert_allclose(exact, np.linalg.norm(w.astype(np.float64), 2), rtol=1e-12)
-        op = LinearOp.dense(shape[1], shape[0])
+        op = Dense(shape[1], shape[0])
         _, p, _, _ = converge(op, w, init_iterate(op, rng), tol=1e-12, max_iter=5000)
         prov = bounds.dense_norm(w)
         assert p <= exact * (1 + 1e-6) <= prov * (1 + 1e-6)
@@ -79,7 +80,7 @@ def test_power_method_tiny_and_zero_weights_unbiased():
     """No epsilon bias: a weight scaled by 1e-30 has a norm scaled by 1e-30 (float32)."""
     rng = np.random.default_rng(1)
     w = _glorot(rng, (4, 2, 3, 3))
-    op = LinearOp.conv((2, 6, 6), 4, 3, 1, "same")
+    op = Conv((2, 6, 6), 4, 3, 1, "same")
     v = init_iterate(op, rng)
     _, big = power_steps(op, w, v, 30)
     _, tiny = power_steps(op, (w * np.float32(1e-30)).astype(np.float32), v, 30)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import kernels
-from gloro_core.lipschitz import LinearOp, _fused_steps, init_iterate, power_steps
+from gloro_core.layers import Conv, Dense
+from gloro_core.lipschitz import _fused_steps, init_iterate, power_steps
 from kernels import registry
 
 # "fused": numba's conv2d_power_steps / dense_power_steps; "loop": one backend call per half-step
@@ -35,12 +36,12 @@ def _plain(op, w, v, iters):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_power_steps_match_plain_loop(path, kind, dtype):
     rng = np.random.default_rng()
-    op = {"dense": lambda: LinearOp.dense(12, 7),
-          "conv_s1": lambda: LinearOp.conv((3, 9, 8), 5, 3, 1),
-          "conv_s2": lambda: LinearOp.conv((3, 9, 8), 5, 4, 2),
-          "conv_s3_valid": lambda: LinearOp.conv((2, 11, 10), 4, 3, 3, "valid"),
-          "conv_k5_s2x1": lambda: LinearOp.conv((3, 8, 9), 2, (5, 3), (2, 1), 1),
-          "conv_pad2x0": lambda: LinearOp.conv((2, 7, 9), 3, 3, (1, 2), (2, 0))}[kind]()
+    op = {"dense": lambda: Dense(12, 7),
+          "conv_s1": lambda: Conv((3, 9, 8), 5, 3, 1),
+          "conv_s2": lambda: Conv((3, 9, 8), 5, 4, 2),
+          "conv_s3_valid": lambda: Conv((2, 11, 10), 4, 3, 3, "valid"),
+          "conv_k5_s2x1": lambda: Conv((3, 8, 9), 2, (5, 3), (2, 1), 1),
+          "conv_pad2x0": lambda: Conv((2, 7, 9), 3, 3, (1, 2), (2, 0))}[kind]()
     assert (_fused_steps(op, np.zeros(op.w_shape, dtype), np.zeros(op.iterate_shape, dtype)) is not None) \
         == (path == "fused")
     w = rng.standard_normal(op.w_shape).astype(dtype)
@@ -59,7 +60,7 @@ def test_power_steps_match_plain_loop(path, kind, dtype):
 
 
 def test_power_steps_still_validate(path):
-    op = LinearOp.conv((3, 9, 8), 5, 3)
+    op = Conv((3, 9, 8), 5, 3)
     v = np.ones(op.iterate_shape, np.float32)
     w = np.ones(op.w_shape, np.float32)
     with pytest.raises(ValueError):
@@ -74,7 +75,7 @@ def test_power_steps_still_validate(path):
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 def test_zero_operator_keeps_iterate(path, kind):
-    op = LinearOp.dense(6, 3) if kind == "dense" else LinearOp.conv((2, 5, 5), 3, 3, 2)
+    op = Dense(6, 3) if kind == "dense" else Conv((2, 5, 5), 3, 3, 2)
     v = np.full(op.iterate_shape, 1 / np.prod(op.iterate_shape) ** 0.5, np.float32)
     out, s = power_steps(op, np.zeros(op.w_shape, np.float32), v, 3, sigma=False)
     assert s == 0.0
@@ -84,7 +85,7 @@ def test_zero_operator_keeps_iterate(path, kind):
 def test_rank_one_operator_converges_in_one_step(path):
     """A rank-1 W: one step puts the iterate on W's row (up to sign), later steps keep it,
     and sigma is the row's norm exactly."""
-    op = LinearOp.dense(4, 2)
+    op = Dense(4, 2)
     w = np.zeros(op.w_shape, np.float64)
     w[0, 1] = 3.0
     v, s = power_steps(op, w, np.full(op.iterate_shape, 0.5), 4)
@@ -100,8 +101,8 @@ def test_power_update_layers_equals_one_layer_at_a_time(monkeypatch, threads):
 
     monkeypatch.setattr(kernels, "cpu_threads", lambda: threads)
     rng = np.random.default_rng()
-    ops = [LinearOp.conv((2, 12, 12), 6, 3, 1), LinearOp.conv((6, 12, 12), 8, 4, 2),
-           LinearOp.conv((8, 6, 6), 8, 3, 1, "valid"), LinearOp.dense(128, 20), LinearOp.dense(20, 5)]
+    ops = [Conv((2, 12, 12), 6, 3, 1), Conv((6, 12, 12), 8, 4, 2),
+           Conv((8, 6, 6), 8, 3, 1, "valid"), Dense(128, 20), Dense(20, 5)]
     ws = [rng.standard_normal(op.w_shape).astype(np.float32) for op in ops]
     vs = [init_iterate(op, rng, np.float32) for op in ops]
     copies = [v.copy() for v in vs]

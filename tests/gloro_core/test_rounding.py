@@ -12,7 +12,7 @@ CONV = [{"type": "conv", "filters": 6, "kernel": 3, "stride": 2, "padding": "sam
 
 def _twin64(net):
     """The same weights in a float64 net: its logits stand in for exact arithmetic."""
-    twin = GloroNet(net.input_shape, net.num_classes, net.layers, activation=net.activation, eps=net.eps,
+    twin = GloroNet(net.input_shape, net.num_classes, net.specs, activation=net.activation, eps=net.eps,
                     dtype=np.float64)
     for (w, b), (w2, b2) in zip(net.params, twin.params):
         w2.data[...] = w.data.astype(np.float64)
@@ -44,11 +44,9 @@ def test_abs_operator_bound_vs_explicit_matrix(rng):
         w = rng.normal(size=(5, 3, 3, 3))
         m = np.abs(bounds.conv_matrix_direct(np.abs(w), (7, 6), stride, pad))
         exact = np.linalg.norm(m, 2)
-        assert exact <= rounding.abs_operator_bound(w, "conv")
+        assert exact <= rounding.abs_operator_bound(w)
     wd = rng.normal(size=(7, 11))
-    assert np.linalg.norm(np.abs(wd), 2) <= rounding.abs_operator_bound(wd, "dense")
-    with pytest.raises(ValueError, match="kind"):
-        rounding.abs_operator_bound(wd, "pool")
+    assert np.linalg.norm(np.abs(wd), 2) <= rounding.abs_operator_bound(wd)
 
 
 def test_fast_and_tight_paths_decide_alike(rng):

@@ -205,7 +205,7 @@ def test_layer_spec_numpy_ints_become_python_ints():
     layers = [{"type": "conv", "filters": np.int64(4), "kernel": np.int32(3), "stride": np.uint8(2),
                "padding": np.int16(1)}, {"type": "dense", "units": np.int64(3)}]
     net = GloroNet(SHAPE, 3, layers)
-    for spec in net.layers:
+    for spec in net.specs:
         for k, v in spec.items():
             assert type(v) in (int, str), (k, type(v))
     json.dumps(net.meta())
@@ -217,7 +217,7 @@ def test_compact_architecture_gives_python_ints():
             for k, v in spec.items():
                 assert type(v) in (int, str), (arch, k, type(v))
     net = architectures.build("c(4,3,2),d(8)", SHAPE, 3)
-    assert net.layers == LAYERS
+    assert net.specs == LAYERS
 
 
 @pytest.mark.parametrize("input_shape,num_classes,match", [

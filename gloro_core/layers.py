@@ -1,0 +1,357 @@
+"""The layers of a GloRo net: one class per layer type, holding all of its GloRo math.
+
+A linear layer (:class:`Conv`, :class:`Dense`) is an nn Module that owns
+
+* its spec, the checkpoint's layer dict (:meth:`Layer.from_spec` validates it strictly,
+  ``layer.spec`` gives it back);
+* its parameters ``weight`` and ``bias`` (Parameters named ``param.{i}.weight`` /
+  ``.bias``) and its power iterate ``iterate`` (1, *in_shape);
+* the autodiff forward (:meth:`forward`, ReLU optionally fused into the kernel);
+* the linear operator A without bias on one example: :meth:`apply`, :meth:`adjoint`
+  (raw kernels, no graph), :meth:`raw_ops` and :meth:`kernel_args` for the power steps of
+  gloro_core.lipschitz;
+* a sound float64 upper bound of ||A||_2 (:meth:`provable`) and of ||A_|W|||_2
+  (:meth:`abs_bound`), the constants of the norm-wise rounding bound
+  (:meth:`rounding_constants`) and one step of the per-coordinate rounding-error pass
+  (:meth:`error_step`);
+* its PyTorch-layout export (:meth:`torch_modules`).
+
+Activations (:class:`ReLU`, :class:`MinMax`) are 1-Lipschitz and exact in floating
+point; they sit after every linear layer but the last.
+
+Adding a layer type: subclass :class:`Layer`, set ``kind``, ``kernel`` and ``keys``, and
+write ``__init__`` (shapes), ``from_spec``, ``forward``, ``apply``, ``adjoint``,
+``raw_ops``, ``kernel_args``, ``provable``, ``error_step`` and ``torch_modules``; then
+add it to :data:`LAYER_TYPES`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import kernels
+from kernels import registry
+from kernels.checks import check_conv, check_stride, conv_out_hw, resolve_padding
+from kernels.registry import array_module, to_host
+from nn import functions as F
+from nn.layers import Module
+from nn.tensor import Parameter
+
+from . import bounds, rounding
+from .checks import spec_int
+
+
+class Layer(Module):
+    """A linear layer y = A x + b (see the module docstring).
+
+    in_shape: one example's input, (C, H, W) or (n_in,); out_shape likewise; w_shape: the
+    weight's shape, (out, in, *taps); spec: the checkpoint dict.
+    """
+
+    kind = None     # the spec's "type"
+    kernel = None   # the backend op of A (its power steps are kernel + "_power_steps")
+    keys = ()       # the spec's allowed keys
+    required = ()   # ... and those without a default
+
+    def __init__(self, in_shape, out_shape, w_shape, spec):
+        super().__init__()
+        self.in_shape, self.out_shape, self.w_shape = tuple(in_shape), tuple(out_shape), tuple(w_shape)
+        self.spec = spec
+        self.weight = self.bias = self.iterate = None
+
+    @classmethod
+    def check_keys(cls, d, i):
+        unknown = set(d) - set(cls.keys)
+        if unknown:
+            raise ValueError(f"layer {i}: unknown {cls.kind} keys {sorted(unknown)}")
+        for key in cls.required:
+            if key not in d:
+                raise ValueError(f"layer {i}: {cls.kind} spec needs {key!r}: {d!r}")
+
+    def init_parameters(self, index: int, init, rng, dtype):
+        """Weight from ``init(shape, rng, dtype)`` (None: zeros, filled in by load) and a zero bias."""
+        w = init(self.w_shape, rng, dtype=dtype) if init is not None else np.zeros(self.w_shape, dtype)
+        self.weight = Parameter(w, name=f"param.{index}.weight")
+        self.bias = Parameter(np.zeros((self.w_shape[0],), dtype=dtype), name=f"param.{index}.bias")
+
+    @property
+    def iterate_shape(self) -> tuple:
+        """Shape of the power iterate: the layer input with batch 1."""
+        return (1,) + self.in_shape
+
+    @property
+    def positions(self) -> int:
+        """Output positions per output channel (1 for a dense layer)."""
+        return math.prod(self.out_shape[1:])
+
+    @property
+    def fan_in(self) -> int:
+        """Products in one output's dot product (without the bias)."""
+        return math.prod(self.w_shape[1:])
+
+    def flops(self) -> int:
+        """Multiply-adds of A v for one iterate (the power steps' cost, for scheduling)."""
+        return math.prod(self.w_shape) * self.positions
+
+    def abs_bound(self, w) -> float:
+        """Upper bound of ||A_|W|||_2 (Schur test, see rounding.abs_operator_bound)."""
+        return rounding.abs_operator_bound(w)
+
+    def rounding_constants(self, sigma: float, dtype, last: bool) -> rounding.LayerConstants:
+        """The norm-wise rounding bound's constants, with sigma >= ||A||_2."""
+        w, b = to_host(self.weight.data), to_host(self.bias.data)
+        return rounding.layer_constants(w, b, self.positions, sigma, self.abs_bound(w), dtype, last)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.spec}, in {self.in_shape} -> out {self.out_shape})"
+
+
+class Conv(Layer):
+    """2-D convolution, NCHW: Conv(in_shape (C, H, W), filters, kernel, stride=1, padding="same").
+
+    kernel and stride: an int or a pair; padding: "same", "valid", an int or a pair.
+    Weight (filters, C, kh, kw) OIHW; out_shape (filters, OH, OW).
+    """
+
+    kind, kernel = "conv", "conv2d"
+    keys = ("type", "filters", "kernel", "stride", "padding")
+    required = ("filters", "kernel")
+
+    def __init__(self, in_shape, filters, kernel, stride=1, padding="same"):
+        c, h, w = (int(v) for v in in_shape)
+        kh, kw = (kernel, kernel) if np.isscalar(kernel) else (int(kernel[0]), int(kernel[1]))
+        s = check_stride(stride)
+        pads = resolve_padding(padding, (h, w), (kh, kw), s)
+        oh, ow = conv_out_hw((h, w), (kh, kw), s, pads)
+        spec = {"type": "conv", "filters": filters, "kernel": kernel, "stride": stride, "padding": padding}
+        super().__init__((c, h, w), (int(filters), oh, ow), (int(filters), c, kh, kw), spec)
+        self.stride, self.padding, self.pads = s, padding, pads
+
+    @classmethod
+    def from_spec(cls, d, i, in_shape):
+        cls.check_keys(d, i)
+        if len(in_shape) != 3:
+            raise ValueError(f"layer {i}: a conv layer cannot follow a dense layer" if i else
+                             f"layer {i}: conv needs a (C, H, W) input, got input_shape {tuple(in_shape)}")
+        filters, kernel, stride = spec_int(d, i, "filters"), spec_int(d, i, "kernel"), spec_int(d, i, "stride", 1)
+        padding = d.get("padding", "same")
+        if isinstance(padding, str):
+            padding = padding.lower()
+            if padding not in ("same", "valid"):
+                raise ValueError(f"layer {i}: 'padding' must be 'same', 'valid' or an int, got {padding!r}")
+        else:
+            padding = spec_int(d, i, "padding")
+            if padding < 0:
+                raise ValueError(f"layer {i}: 'padding' must be >= 0, got {padding}")
+        if filters < 1 or kernel < 1 or stride < 1:
+            raise ValueError(f"layer {i}: filters, kernel and stride must be >= 1, got {d!r}")
+        try:
+            return cls(in_shape, filters, kernel, stride, padding)
+        except ValueError as exc:  # e.g. a kernel larger than the padded input
+            raise ValueError(f"layer {i}: {exc}") from None
+
+    def forward(self, h, relu=False, bias=True):
+        """(N, C, H, W) Tensor -> (N, *out_shape); relu=True fuses the ReLU into the node."""
+        return F.conv2d(h, self.weight, self.bias if bias else None, self.stride, self.padding, relu=relu)
+
+    def apply(self, w, v):
+        """A v (no bias): v (N, *in_shape) -> (N, *out_shape)."""
+        return kernels.conv2d(v, w, None, self.stride, self.padding)
+
+    def adjoint(self, w, u):
+        """A^T u: u (N, *out_shape) -> (N, *in_shape)."""
+        return kernels.conv2d_adjoint(u, w, (u.shape[0],) + self.in_shape, self.stride, self.padding)
+
+    def kernel_args(self, w, v) -> tuple:
+        """The resolved (stride, pads) that the backend's conv kernels take after (v, w, ...)."""
+        s, pads, _ = check_conv(v.shape, w, self.stride, self.padding)
+        return s, pads
+
+    def raw_ops(self, w, v):
+        """(A, A^T) as direct backend calls for iterates like ``v`` (validated once here)."""
+        s, pads = self.kernel_args(w, v)
+        fa = registry.get("conv2d", registry.select("conv2d", v))
+        # A v has v's batch and array type, all that selection looks at
+        fb = registry.get("conv2d_grad_input", registry.select("conv2d_grad_input", v))
+        x_shape = tuple(v.shape)
+        return (lambda a: fa(a, w, None, s, pads)), (lambda b: fb(b, w, x_shape, s, pads))
+
+    def provable(self, w, method="auto"):
+        """(sound float64 upper bound of ||A||_2, method name): see bounds.conv_provable_bound."""
+        return bounds.conv_provable_bound(w, self.in_shape[1:], self.stride, self.padding, method)
+
+    def error_step(self, h, src, gamma):
+        """The computed output fl(A h + b) (model dtype) and A_|W| src + gamma |b| (float64).
+
+        h (N, *in_shape) the computed input; src (N, *in_shape) float64 = e + gamma |h| (+ tiny)."""
+        xp = array_module(h)
+        wd, bd = self.weight.data, self.bias.data
+        out = kernels.conv2d(h, wd, bd, self.stride, self.padding)
+        e = kernels.conv2d(src, xp.abs(wd.astype(np.float64)), None, self.stride, self.padding)
+        e += (gamma * xp.abs(bd.astype(np.float64)))[None, :, None, None]
+        return out, e
+
+    def torch_modules(self):
+        """[(torch.nn class name, constructor kwargs, state dict)]: ZeroPad2d then a Conv2d."""
+        pt, pb, pl, pr = self.pads
+        conv = {"in_channels": self.in_shape[0], "out_channels": self.out_shape[0],
+                "kernel_size": tuple(self.w_shape[2:]), "stride": self.stride, "padding": 0}
+        return [("ZeroPad2d", {"padding": (pl, pr, pt, pb)}, {}),
+                ("Conv2d", conv, {"weight": to_host(self.weight.data), "bias": to_host(self.bias.data)})]
+
+
+class Dense(Layer):
+    """Fully connected: Dense(in_shape, units); a (C, H, W) input is flattened (C, H, W order).
+
+    Weight (units, n_in), in_shape (n_in,), out_shape (units,).
+    """
+
+    kind, kernel = "dense", "dense"
+    keys = ("type", "units")
+    required = ("units",)
+
+    def __init__(self, in_shape, units):
+        n_in = math.prod(in_shape) if isinstance(in_shape, (tuple, list)) else int(in_shape)  # exact: np.prod wraps
+        super().__init__((n_in,), (int(units),), (int(units), n_in), {"type": "dense", "units": units})
+
+    @classmethod
+    def from_spec(cls, d, i, in_shape):
+        cls.check_keys(d, i)
+        units = spec_int(d, i, "units")
+        if units < 1:
+            raise ValueError(f"layer {i}: units must be >= 1, got {units}")
+        return cls(in_shape, units)
+
+    def forward(self, h, relu=False, bias=True):
+        """(N, ...) Tensor -> (N, units), flattening an image input first."""
+        if h.ndim != 2:
+            h = F.flatten(h)
+        return F.dense(h, self.weight, self.bias if bias else None, relu=relu)
+
+    def apply(self, w, v):
+        """A v = v W^T (no bias): (N, n_in) -> (N, units)."""
+        return kernels.dense(v, w, None)
+
+    def adjoint(self, w, u):
+        """A^T u = u W: (N, units) -> (N, n_in)."""
+        return kernels.dense_adjoint(u, w)
+
+    def kernel_args(self, w, v) -> tuple:
+        return ()
+
+    def raw_ops(self, w, v):
+        fa = registry.get("dense", registry.select("dense", v))
+        fb = registry.get("dense_grad_input", registry.select("dense_grad_input", v))
+        return (lambda a: fa(a, w, None)), (lambda b: fb(b, w))
+
+    def provable(self, w, method="auto"):
+        """(||W||_2 by SVD, inflated to a sound bound, "svd"); method is for convs only."""
+        return bounds.dense_norm(w), "svd"
+
+    def error_step(self, h, src, gamma):
+        """As :meth:`Conv.error_step`, flattening an image input first."""
+        xp = array_module(h)
+        wd, bd = self.weight.data, self.bias.data
+        if h.ndim != 2:
+            h = h.reshape(h.shape[0], -1)
+            src = src.reshape(src.shape[0], -1)
+        out = kernels.dense(h, wd, bd)
+        e = kernels.dense(src, xp.abs(wd.astype(np.float64)), None) + gamma * xp.abs(bd.astype(np.float64))[None, :]
+        return out, e
+
+    def torch_modules(self):
+        """[Flatten (image inputs are flattened in C, H, W order; harmless on vectors), Linear]."""
+        lin = {"in_features": self.in_shape[0], "out_features": self.out_shape[0]}
+        return [("Flatten", {}, {}),
+                ("Linear", lin, {"weight": to_host(self.weight.data), "bias": to_host(self.bias.data)})]
+
+
+class ReLU:
+    """max(h, 0): exact, 1-Lipschitz per coordinate; fused into the preceding layer's node."""
+
+    name, fusable = "relu", True
+
+    def check(self, layer, i):
+        pass
+
+    def forward(self, h):
+        return F.relu(h)
+
+    def apply(self, h):
+        """On a raw array (the rounding-error pass)."""
+        return array_module(h).maximum(h, h.dtype.type(0))
+
+    def propagate_error(self, e):
+        """A per-coordinate error bound of the input bounds the output's (|relu a - relu b| <= |a - b|)."""
+        return e
+
+    def torch_modules(self):
+        return [("ReLU", {}, {})]
+
+
+class MinMax:
+    """GroupSort-2 on axis 1: channel pairs (2k, 2k+1) sorted; exact and 1-Lipschitz per pair."""
+
+    name, fusable = "minmax", False
+
+    def check(self, layer, i):
+        width = layer.out_shape[0]
+        if width % 2:
+            raise ValueError(f"layer {i}: MinMax needs an even width, got {width} ({layer.spec})")
+
+    def forward(self, h):
+        return F.minmax(h)
+
+    def apply(self, h):
+        return kernels.minmax(h)
+
+    def propagate_error(self, e):
+        """Both outputs of a pair get the pair's larger input error."""
+        xp = array_module(e)
+        n2 = e.shape[1] // 2
+        ep = e.reshape((e.shape[0], n2, 2) + e.shape[2:]).max(axis=2, keepdims=True)
+        return xp.repeat(ep, 2, axis=2).reshape(e.shape)
+
+    def torch_modules(self):
+        raise NotImplementedError("torch.nn has no MinMax (GroupSort-2) module")
+
+
+LAYER_TYPES = {"conv": Conv, "dense": Dense}
+ACTIVATIONS = {"relu": ReLU, "minmax": MinMax}
+
+
+def activation(name):
+    """The activation object for a name in ACTIVATIONS."""
+    # isinstance first: a list or dict (e.g. from a checkpoint's meta) is unhashable
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+def build(specs, input_shape, num_classes, act) -> list:
+    """Validated layers (without parameters) from the checkpoint's layer-spec list.
+
+    act: the activation after every layer but the last (its width rules are checked here).
+    The last layer must be dense with num_classes units: its rows are the ⊥ head's w_i.
+    """
+    if not isinstance(specs, (list, tuple)) or not specs:
+        raise ValueError(f"layers must be a non-empty list of layer dicts, got {specs!r}")
+    out, shape = [], tuple(input_shape)
+    for i, d in enumerate(specs):
+        if not isinstance(d, dict) or "type" not in d:
+            raise ValueError(f"layer {i}: expected a dict with a 'type', got {d!r}")
+        cls = LAYER_TYPES.get(d["type"]) if isinstance(d["type"], str) else None
+        if cls is None:
+            expected = " or ".join(repr(k) for k in LAYER_TYPES)
+            raise ValueError(f"layer {i}: unknown layer type {d['type']!r} (expected {expected})")
+        layer = cls.from_spec(d, i, shape)
+        if i < len(specs) - 1:
+            act.check(layer, i)
+        out.append(layer)
+        shape = layer.out_shape
+    if not isinstance(out[-1], Dense):
+        raise ValueError(f"the last layer must be dense with units = num_classes, got {out[-1].spec}")
+    if out[-1].out_shape[0] != num_classes:
+        raise ValueError(f"the last dense layer has {out[-1].out_shape[0]} units but num_classes = {num_classes}")
+    return out
