@@ -16,6 +16,7 @@ import numpy as np
 
 from kernels.registry import array_module, to_host
 from nn import functions as F
+from nn.losses import softmax_cross_entropy
 from nn.tensor import Tensor, make_result
 
 VARIANTS = ("margin", "basic")
@@ -151,8 +152,7 @@ def _labels(labels, n, m):
 def cross_entropy(logits: Tensor, labels) -> Tensor:
     """Mean softmax cross-entropy; labels (n,) int index into the logits' columns."""
     n, m = logits.shape
-    lab = _labels(labels, n, m)
-    return -F.mean(F.gather(F.log_softmax(logits, axis=1), lab))
+    return softmax_cross_entropy(logits, _labels(labels, n, m))
 
 
 def gloro_ce(gl: Tensor, labels) -> Tensor:
@@ -160,13 +160,6 @@ def gloro_ce(gl: Tensor, labels) -> Tensor:
     n, m1 = gl.shape
     _labels(labels, n, m1 - 1)
     return cross_entropy(gl, labels)
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean over n of -sum_i target_i log softmax(logits)_i; target (n, k) with k <= m cols."""
-    k = target.shape[1]
-    lq = F.log_softmax(logits, axis=1)[:, :k]
-    return -F.mean(F.sum(target * lq, axis=1))
 
 
 def trades(y: Tensor, gl: Tensor, labels, lam: float, form: str = "kl") -> Tensor:

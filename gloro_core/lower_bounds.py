@@ -121,7 +121,7 @@ def local_lower_bound(net, x: np.ndarray, eps: float, steps: int = 100, lr: floa
 def margin_upper_bound(net, k_sub: float) -> float:
     """max_{i != j} K_ij (margin: K_sub ||w_i - w_j||; basic: K_i + K_j), from the model's
     own pairwise bounds (float64, on the host whatever the model's device)."""
-    kk = net._pair_k(k_sub)
+    kk = net.certifier.pair_k(k_sub)
     return float(kk[~np.eye(len(kk), dtype=bool)].max())
 
 

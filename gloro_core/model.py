@@ -31,16 +31,8 @@ from nn.tensor import Tensor, no_grad
 from . import checkpoint, losses
 from . import layers as L
 from .certification import DEFAULT_MAX_ITER, Certifier
-from .checks import (
-    check_batch,
-    check_dtype,
-    check_eps,
-    check_input_shape,
-    check_int,
-    check_labels,
-    check_num_classes,
-    check_real,
-)
+from .checks import (check_batch, check_dtype, check_eps, check_input_shape, check_int, check_labels,
+                     check_num_classes, check_real)
 from .lipschitz import init_iterate, power_update_layers
 
 ACTIVATIONS = tuple(L.ACTIVATIONS)
