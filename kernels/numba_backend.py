@@ -35,7 +35,6 @@ left, right).
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import numpy as np
@@ -44,12 +43,6 @@ from . import buffers
 from . import numpy_backend as _numpy_backend
 from .threads import single_blas_thread as _single_blas_thread
 from .registry import register
-
-# Numba's OpenMP layer busy-waits between parallel regions by default, and every conv here
-# alternates Numba loops with OpenBLAS GEMMs that want the same cores: spinning OpenMP
-# threads would compete with the BLAS threads. Passive waiting avoids that. It only takes
-# effect if no OpenMP runtime has started yet, and an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from numba import njit, prange

@@ -15,6 +15,7 @@ and restores them.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,12 +37,29 @@ def _blas_controllers() -> list:
                     import scipy.linalg.cython_blas  # noqa: F401
                 except ImportError:
                     pass
-                from threadpoolctl import ThreadpoolController
-
+                ThreadpoolController = _import_threadpoolctl().ThreadpoolController
                 _BLAS = list(ThreadpoolController().select(user_api="blas").lib_controllers)
             except Exception:  # no threadpoolctl or an unknown BLAS: nothing is pinned
                 _BLAS = []
         return _BLAS
+
+
+def _import_threadpoolctl():
+    """threadpoolctl, imported without the environment change it makes at first import
+    (KMP_DUPLICATE_LIB_OK=True, which Intel's OpenMP reads: not ours to decide)."""
+    import sys
+
+    if "threadpoolctl" in sys.modules:  # imported by the application: its choice stands
+        return sys.modules["threadpoolctl"]
+    before = dict(os.environ)
+    import threadpoolctl
+
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    return threadpoolctl
 
 
 def _set(ctl, n: int) -> None:
