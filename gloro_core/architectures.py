@@ -7,8 +7,12 @@ The activation (ReLU or MinMax) sits after every layer but the last and is chose
 ``GloroNet(activation=...)``, not written in the list.
 
 Besides the named architectures, ``arch`` may be a compact string such as
-``"c(8,3,2),d(32)"`` (conv C,K,S; dense D; the final dense is appended) or a path to a
-JSON file holding a layer-spec list.
+``"c(8,3,2),d(32)"`` or a path to a JSON file holding a layer-spec list. Compact tokens,
+comma separated (the final dense with num_classes units is appended):
+
+* ``c(C,K,S)``: conv, C filters, kernel K, stride S, SAME padding;
+* ``d(D)``: dense, D units;
+* ``n``: as the last token, the appended final dense is normalised (``"normalize": true``).
 """
 from __future__ import annotations
 
@@ -32,38 +36,59 @@ def conv(filters: int, kernel: int, stride: int) -> dict:
             "stride": int(stride), "padding": "same"}
 
 
-def dense(units: int) -> dict:
-    return {"type": "dense", "units": int(units)}
+def dense(units: int, normalize: bool = False) -> dict:
+    d = {"type": "dense", "units": int(units)}
+    if normalize:
+        d["normalize"] = True
+    return d
 
 
-def _from_tuples(items, num_classes: int) -> list[dict]:
-    out = [conv(*t[1:]) if t[0] == "c" else dense(t[1]) for t in items]
-    out.append(dense(num_classes))
+# compact tokens: letter -> (argument names, spec builder); "n" is handled by parse_compact
+TOKENS = {
+    "c": (("C", "K", "S"), conv),
+    "d": (("D",), dense),
+}
+
+
+def _from_tuples(items, num_classes: int, normalize: bool = False) -> list[dict]:
+    out = [TOKENS[t[0]][1](*t[1:]) for t in items]
+    out.append(dense(num_classes, normalize))
     return out
 
 
-_TOKEN = re.compile(r"\s*([cd])\s*\(\s*([0-9,\s]+)\)\s*,?", re.IGNORECASE)
+_TOKEN = re.compile(r"\s*([a-z])\s*(?:\(\s*([0-9,\s]*)\))?\s*,?", re.IGNORECASE)
 
 
 def parse_compact(text: str, num_classes: int) -> list[dict]:
-    """'c(16,4,2),d(100)' -> layer specs with the final dense(num_classes) appended."""
-    pos, items = 0, []
+    """'c(16,4,2),d(100)' -> layer specs with the final dense(num_classes) appended.
+
+    Tokens: c(C,K,S) conv; d(D) dense; n (last token only) normalises the appended final
+    dense (last-layer normalisation).
+    """
+    pos, items, normalize = 0, [], False
     while pos < len(text):
         m = _TOKEN.match(text, pos)
-        if not m:
+        kind = m.group(1).lower() if m else None
+        if not m or (kind not in TOKENS and kind != "n"):
             raise ValueError(f"cannot parse architecture {text!r} at {text[pos:]!r}; "
                              "expected e.g. 'c(16,4,2),d(100)'")
-        kind, args = m.group(1).lower(), [int(a) for a in m.group(2).split(",") if a.strip()]
-        if (kind == "c" and len(args) != 3) or (kind == "d" and len(args) != 1):
-            raise ValueError(f"architecture {text!r}: {m.group(0).strip()} needs "
-                             f"{'C,K,S' if kind == 'c' else 'D'}")
-        if min(args) <= 0:
+        args = [int(a) for a in (m.group(2) or "").split(",") if a.strip()]
+        names = () if kind == "n" else TOKENS[kind][0]
+        if len(args) != len(names) or (kind == "n" and m.group(2) is not None):
+            need = f"({','.join(names)})" if names else "no arguments"
+            raise ValueError(f"architecture {text!r}: {m.group(0).strip().rstrip(',')} needs {need}")
+        if args and min(args) <= 0:
             raise ValueError(f"architecture {text!r}: sizes must be positive")
-        items.append((kind, *args))
         pos = m.end()
-    if not items:
+        if kind == "n":
+            if text[pos:].strip():
+                raise ValueError(f"architecture {text!r}: 'n' (normalise the final dense) must come last")
+            normalize = True
+        else:
+            items.append((kind, *args))
+    if not items and not normalize:
         raise ValueError(f"empty architecture {text!r}")
-    return _from_tuples(items, num_classes)
+    return _from_tuples(items, num_classes, normalize)
 
 
 def layer_specs(arch, num_classes: int = 10) -> list[dict]:
@@ -81,7 +106,7 @@ def layer_specs(arch, num_classes: int = 10) -> list[dict]:
         if not isinstance(specs, list) or not all(isinstance(d, dict) for d in specs):
             raise ValueError(f"{key}: expected a JSON list of layer dicts")
         return specs
-    if key[:1].lower() in "cd" and "(" in key:
+    if key[:1].lower() in TOKENS or key[:1].lower() == "n":
         return parse_compact(key, num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}, "
                      "a compact spec like 'c(16,4,2),d(100)', or a .json layer list")

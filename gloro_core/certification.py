@@ -47,7 +47,7 @@ class Certifier:
         self._rounding_cache = None
 
     def _weights(self):
-        return [layer.weight.data for layer in self.net.layers]
+        return [layer.weight.data for layer in self.net.weighted]
 
     def _weight_digest(self, i) -> str:
         w = np.ascontiguousarray(to_host(self.net.layers[i].weight.data))
@@ -82,7 +82,7 @@ class Certifier:
             self.provable_method = provable_method
         power, iters, conv = [], [], []
         for layer in self.net.layers:
-            v, s, it, ok = converge(layer, layer.weight.data, layer.iterate, tol, max_iter)
+            v, s, it, ok = converge(layer, layer.effective_weight(), layer.iterate, tol, max_iter)
             layer.iterate = self.net.xp.ascontiguousarray(v, dtype=self.net.dtype)
             power.append(s)
             iters.append(it)
@@ -96,7 +96,7 @@ class Certifier:
             dig = self._weight_digest(i) + self.provable_method
             hit = self._provable_cache.get(i)
             if hit is None or hit[0] != dig:
-                bound, method = layer.provable(to_host(layer.weight.data), self.provable_method)
+                bound, method = layer.provable(to_host(layer.effective_weight()), self.provable_method)
                 hit = (dig, bound, method)
                 self._provable_cache[i] = hit
             prov.append(hit[1])
@@ -167,24 +167,14 @@ class Certifier:
         """
         xd, xorig = self.net._check_x(x)
         xp = self.net.xp
-        u = float(np.finfo(self.net.dtype).eps) / 2.0
-        tiny = float(np.finfo(self.net.dtype).smallest_subnormal)
-        limit = float(np.finfo(self.net.dtype).max)
         e = xp.abs(xorig.astype(np.float64) - xd.astype(np.float64))
         h = xd
         bad = xp.zeros(xd.shape[0], dtype=bool)
         last, act = len(self.net.layers) - 1, self.net.act
         for i, layer in enumerate(self.net.layers):
-            fan = layer.fan_in + 1
-            gamma = fan * u / (1.0 - fan * u)
-            src = e + gamma * xp.abs(h.astype(np.float64)) + _TINY64   # (gamma |h| may underflow)
-            h, e = layer.error_step(h, src, gamma)
-            e += fan * tiny + fan * _TINY64  # products that underflow, in the model and here
-            e *= 1.0 + 1e-6
-            with np.errstate(over="ignore", invalid="ignore"):
-                fine = xp.isfinite(h) & (e * ((1.0 + gamma) / gamma * (1.0 + 1e-6)) <= limit)
-            bad |= ~fine.reshape(fine.shape[0], -1).all(axis=1)
-            if i < last:
+            h, e, fine = layer.forward_error(h, e, self.net.dtype)   # the steps above, per layer type
+            bad |= ~fine
+            if i < last and layer.activated:
                 h, e = act.apply(h), act.propagate_error(e)
         e[bad] = np.inf
         return to_host(h), to_host(e)
@@ -196,7 +186,8 @@ class Certifier:
         last weight scaled by a power of two and scaled back rounding up, so that no
         scale of weights makes a K_ij of a nonzero pair 0 (or NaN from 0 * inf)."""
         km, ke = k_sub if isinstance(k_sub, tuple) else bounds.product_up([k_sub])
-        w, we = bounds.pow2_normalise(to_host(self.net.layers[-1].weight.data))
+        # the rows the forward pass multiplies by (normalised ones for a NormalizedDense)
+        w, we = bounds.pow2_normalise(to_host(self.net.layers[-1].effective_weight()))
         m, d = w.shape
         if self.net.variant == "margin":
             sq = np.empty((m, m), dtype=np.float64)
@@ -237,7 +228,7 @@ class Certifier:
         """Per-layer constants of the norm-wise bound, cached with the frozen numbers."""
         # biases enter the rounding bound (not K): the cache also keeps a copy of them
         key = (fr["version"], tuple(fr["provable"]), tuple(fr["power"]))
-        biases = [layer.bias.data for layer in self.net.layers]
+        biases = [layer.bias.data for layer in self.net.weighted]
         cached = self._rounding_cache
         if cached is None or cached[0] != key or not self._unchanged(biases, cached[2]):
             last = len(self.net.layers) - 1

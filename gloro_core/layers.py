@@ -36,7 +36,7 @@ from kernels.checks import check_conv, check_stride, conv_out_hw, resolve_paddin
 from kernels.registry import array_module, to_host
 from nn import functions as F
 from nn.layers import Module
-from nn.tensor import Parameter
+from nn.tensor import Parameter, Tensor, no_grad
 
 from . import bounds, rounding
 from .checks import spec_int
@@ -50,9 +50,11 @@ class Layer(Module):
     """
 
     kind = None     # the spec's "type"
-    kernel = None   # the backend op of A (its power steps are kernel + "_power_steps")
+    kernel = None   # the backend op of A (its fused power steps are kernel + "_power_steps"; None: none)
     keys = ()       # the spec's allowed keys
     required = ()   # ... and those without a default
+    parametric = True   # has a weight, a bias and a power iterate (see FixedLayer for those without)
+    activated = True    # the net's activation follows this layer (unless it is the last)
 
     def __init__(self, in_shape, out_shape, w_shape, spec):
         super().__init__()
@@ -74,6 +76,37 @@ class Layer(Module):
         w = init(self.w_shape, rng, dtype=dtype) if init is not None else np.zeros(self.w_shape, dtype)
         self.weight = Parameter(w, name=f"param.{index}.weight")
         self.bias = Parameter(np.zeros((self.w_shape[0],), dtype=dtype), name=f"param.{index}.bias")
+
+    def effective_weight(self):
+        """The weight array of the operator A (raw, no graph): what certification bounds
+        and the forward pass multiplies by. The stored weight, except where the forward pass
+        transforms it (NormalizedDense)."""
+        return self.weight.data
+
+    def head_weight(self):
+        """The Tensor (with its graph to the Parameters) whose rows are the ⊥ head's w_i."""
+        return self.weight
+
+    def sigma(self):
+        """Training estimate ||A v|| (scalar Tensor) at the stored iterate v held constant:
+        its gradient reaches the weight only."""
+        return F.l2_norm(self.forward(Tensor(self.iterate), bias=False))
+
+    def array_shapes(self, i: int) -> dict:
+        """{checkpoint array name: shape} of layer ``i``."""
+        return {f"param.{i}.weight": self.w_shape, f"param.{i}.bias": (self.w_shape[0],),
+                f"iterate.{i}": self.iterate_shape}
+
+    def state_arrays(self, i: int) -> dict:
+        """{checkpoint array name: host array} of layer ``i``."""
+        return {f"param.{i}.weight": to_host(self.weight.data), f"param.{i}.bias": to_host(self.bias.data),
+                f"iterate.{i}": to_host(self.iterate)}
+
+    def load_arrays(self, i: int, arrays: dict, dtype):
+        """Take layer ``i``'s arrays (checked by checkpoint.check_arrays) as the model dtype."""
+        self.weight.data = np.ascontiguousarray(arrays[f"param.{i}.weight"], dtype=dtype)
+        self.bias.data = np.ascontiguousarray(arrays[f"param.{i}.bias"], dtype=dtype)
+        self.iterate = np.ascontiguousarray(arrays[f"iterate.{i}"], dtype=dtype)
 
     @property
     def iterate_shape(self) -> tuple:
@@ -100,8 +133,27 @@ class Layer(Module):
 
     def rounding_constants(self, sigma: float, dtype, last: bool) -> rounding.LayerConstants:
         """The norm-wise rounding bound's constants, with sigma >= ||A||_2."""
-        w, b = to_host(self.weight.data), to_host(self.bias.data)
-        return rounding.layer_constants(w, b, self.positions, sigma, self.abs_bound(w), dtype, last)
+        w, b = to_host(self.effective_weight()), to_host(self.bias.data)
+        return rounding.layer_constants(w, b, self.positions, sigma, self.abs_bound(w), dtype, last, self.fan_in)
+
+    def forward_error(self, h, e, dtype):
+        """One layer of Certifier.forward_with_error (whose docstring gives the argument).
+
+        h (N, *in_shape) the computed input (model dtype), e (N, *in_shape) float64 a bound
+        on its error. Returns (computed output, float64 error bound of the output, (N,) bool
+        False for rows that may have overflowed)."""
+        xp = array_module(h)
+        info = np.finfo(dtype)
+        u, tiny, limit = float(info.eps) / 2.0, float(info.smallest_subnormal), float(info.max)
+        fan = self.fan_in + 1
+        gamma = fan * u / (1.0 - fan * u)
+        src = e + gamma * xp.abs(h.astype(np.float64)) + bounds.TINY   # (gamma |h| may underflow)
+        out, e = self.error_step(h, src, gamma)
+        e += fan * tiny + fan * bounds.TINY  # products that underflow, in the model dtype and here
+        e *= 1.0 + 1e-6
+        with np.errstate(over="ignore", invalid="ignore"):
+            fine = xp.isfinite(out) & (e * ((1.0 + gamma) / gamma * (1.0 + 1e-6)) <= limit)
+        return out, e, fine.reshape(fine.shape[0], -1).all(axis=1)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.spec}, in {self.in_shape} -> out {self.out_shape})"
@@ -208,7 +260,7 @@ class Dense(Layer):
     """
 
     kind, kernel = "dense", "dense"
-    keys = ("type", "units")
+    keys = ("type", "units", "normalize")
     required = ("units",)
 
     def __init__(self, in_shape, units):
@@ -221,7 +273,10 @@ class Dense(Layer):
         units = spec_int(d, i, "units")
         if units < 1:
             raise ValueError(f"layer {i}: units must be >= 1, got {units}")
-        return cls(in_shape, units)
+        normalize = d.get("normalize", False)
+        if not isinstance(normalize, bool):
+            raise ValueError(f"layer {i}: 'normalize' must be true or false, got {normalize!r}")
+        return (NormalizedDense if normalize else Dense)(in_shape, units)
 
     def forward(self, h, relu=False, bias=True):
         """(N, ...) Tensor -> (N, units), flattening an image input first."""
@@ -252,7 +307,7 @@ class Dense(Layer):
     def error_step(self, h, src, gamma):
         """As :meth:`Conv.error_step`, flattening an image input first."""
         xp = array_module(h)
-        wd, bd = self.weight.data, self.bias.data
+        wd, bd = self.effective_weight(), self.bias.data
         if h.ndim != 2:
             h = h.reshape(h.shape[0], -1)
             src = src.reshape(src.shape[0], -1)
@@ -264,7 +319,44 @@ class Dense(Layer):
         """[Flatten (image inputs are flattened in C, H, W order; harmless on vectors), Linear]."""
         lin = {"in_features": self.in_shape[0], "out_features": self.out_shape[0]}
         return [("Flatten", {}, {}),
-                ("Linear", lin, {"weight": to_host(self.weight.data), "bias": to_host(self.bias.data)})]
+                ("Linear", lin, {"weight": to_host(self.effective_weight()), "bias": to_host(self.bias.data)})]
+
+
+class NormalizedDense(Dense):
+    """Last-layer normalisation: Dense whose rows are scaled to unit l2 norm in the forward pass.
+
+    Spec ``{"type": "dense", "units": m, "normalize": true}``, the last layer only. The
+    Parameter is the raw weight W (units, n_in); the forward pass multiplies by the
+    effective weight V = W / ||W_i|| row-wise (a zero row stays zero), built from nn ops so
+    the gradient flows through the normalisation. Everything downstream of the forward
+    pass (the ⊥ head's K_ij, the rounding bounds, the provable bound, the export) uses V
+    *as computed in the model dtype* (:meth:`effective_weight`: the same ops on the same
+    array, so the same bits), never the real-arithmetic quotient: a certificate is about
+    the network that the forward pass evaluates.
+    """
+
+    def __init__(self, in_shape, units):
+        super().__init__(in_shape, units)
+        self.spec = {"type": "dense", "units": units, "normalize": True}
+
+    @staticmethod
+    def normalised(w):
+        """(units, n_in) Tensor -> the same with unit rows (l2_norm's scaled arithmetic)."""
+        n = F.l2_norm(w, axis=1, keepdims=True)                           # (units, 1)
+        # a zero row has no direction: divide it by 1 (it stays 0, gradient 1/1 · g)
+        return w / F.where(n.data > 0, n, np.ones((), dtype=n.dtype))
+
+    def forward(self, h, relu=False, bias=True):
+        if h.ndim != 2:
+            h = F.flatten(h)
+        return F.dense(h, self.normalised(self.weight), self.bias if bias else None, relu=relu)
+
+    def head_weight(self):
+        return self.normalised(self.weight)
+
+    def effective_weight(self):
+        with no_grad():
+            return self.normalised(Tensor(self.weight.data)).data
 
 
 class ReLU:
@@ -346,7 +438,9 @@ def build(specs, input_shape, num_classes, act) -> list:
             expected = " or ".join(repr(k) for k in LAYER_TYPES)
             raise ValueError(f"layer {i}: unknown layer type {d['type']!r} (expected {expected})")
         layer = cls.from_spec(d, i, shape)
-        if i < len(specs) - 1:
+        if i < len(specs) - 1 and isinstance(layer, NormalizedDense):
+            raise ValueError(f"layer {i}: 'normalize' is for the last (dense) layer only, got {d!r}")
+        if i < len(specs) - 1 and layer.activated:
             act.check(layer, i)
         out.append(layer)
         shape = layer.out_shape

@@ -24,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.registry import array_module, is_gpu_array, to_host
-from nn import functions as F
 from nn import init as nn_init
 from nn.tensor import Tensor, no_grad
 
@@ -71,7 +70,7 @@ class GloroNet:
         ini = nn_init.get(self.init) if _init_params else None
         for i, layer in enumerate(self.layers):
             layer.init_parameters(i, ini, rng, self.dtype)
-        for layer in self.layers:
+        for layer in self.weighted:
             layer.iterate = (init_iterate(layer, rng, self.dtype) if _init_params
                              else np.zeros(layer.iterate_shape, self.dtype))
         self.certifier = Certifier(self)
@@ -83,33 +82,38 @@ class GloroNet:
         return [dict(layer.spec) for layer in self.layers]
 
     @property
+    def weighted(self) -> list:
+        """The layers with parameters and a power iterate (a FixedLayer has neither)."""
+        return [layer for layer in self.layers if layer.parametric]
+
+    @property
     def ops(self) -> list:
         """The layers as linear operators (older name of ``layers``)."""
         return self.layers
 
     @property
     def params(self) -> list:
-        """[(weight, bias)] per layer."""
-        return [(layer.weight, layer.bias) for layer in self.layers]
+        """[(weight, bias)] per layer with parameters."""
+        return [(layer.weight, layer.bias) for layer in self.weighted]
 
     @params.setter
     def params(self, pairs):
-        for layer, (w, b) in zip(self.layers, pairs, strict=True):
+        for layer, (w, b) in zip(self.weighted, pairs, strict=True):
             layer.weight, layer.bias = w, b
 
     @property
     def iterates(self) -> list:
-        """The power iterates, (1, *in_shape) per layer."""
-        return [layer.iterate for layer in self.layers]
+        """The power iterates, (1, *in_shape) per layer with parameters."""
+        return [layer.iterate for layer in self.weighted]
 
     @iterates.setter
     def iterates(self, vs):
-        for layer, v in zip(self.layers, vs, strict=True):
+        for layer, v in zip(self.weighted, vs, strict=True):
             layer.iterate = v
 
     def named_parameters(self):
         """[(name, Parameter)] in order: param.0.weight, param.0.bias, param.1.weight, ..."""
-        return [(p.name, p) for layer in self.layers for p in (layer.weight, layer.bias)]
+        return [(p.name, p) for layer in self.weighted for p in (layer.weight, layer.bias)]
 
     def parameters(self):
         """The Parameters, for the optimizer (same order as named_parameters)."""
@@ -126,11 +130,11 @@ class GloroNet:
     @property
     def xp(self):
         """numpy or cupy: where the parameters live."""
-        return array_module(self.layers[0].weight.data)
+        return array_module(self.layers[-1].weight.data)   # the last layer is dense
 
     @property
     def device(self) -> str:
-        return "gpu" if is_gpu_array(self.layers[0].weight.data) else "cpu"
+        return "gpu" if is_gpu_array(self.layers[-1].weight.data) else "cpu"
 
     def to(self, device: str) -> "GloroNet":
         """Move parameters and power iterates to "cpu" (NumPy) or "gpu" (CuPy); returns self.
@@ -146,7 +150,7 @@ class GloroNet:
             conv = cupy.asarray
         else:
             conv = to_host
-        for layer in self.layers:
+        for layer in self.weighted:
             for p in (layer.weight, layer.bias):
                 p.data, p.grad = conv(p.data), None
             layer.iterate = conv(layer.iterate)
@@ -167,9 +171,10 @@ class GloroNet:
         last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             # ReLU fused into the layer's node (in place: no pre-activation kept or copied)
-            fuse = i < last and self.act.fusable
+            act = i < last and layer.activated
+            fuse = act and self.act.fusable
             h = layer.forward(h, relu=fuse)
-            if i < last and not fuse:
+            if act and not fuse:
                 h = self.act.forward(h)
         return h
 
@@ -185,14 +190,15 @@ class GloroNet:
     # ------------------------------------------------------------------ training K
     def power_update(self, iters: int):
         """Run ``iters`` power steps on every stored iterate (no gradient)."""
-        self.iterates = power_update_layers(self.layers, [layer.weight.data for layer in self.layers],
+        layers = self.weighted
+        self.iterates = power_update_layers(layers, [layer.effective_weight() for layer in layers],
                                             self.iterates, iters)
 
     def layer_sigmas(self, upto=None):
         """[sigma_i = ||A_i v_i||] as Tensors with v_i constant: the gradient w.r.t. W_i only.
 
         Layers 0 .. upto-1 (default all)."""
-        return [F.l2_norm(layer.forward(Tensor(layer.iterate), bias=False)) for layer in self.layers[:upto]]
+        return [layer.sigma() for layer in self.layers[:upto]]
 
     def k_sub_tensor(self) -> Tensor:
         """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor)."""
@@ -206,7 +212,7 @@ class GloroNet:
         eps defaults to eps_train."""
         eps = self.eps_train if eps is None else check_eps(eps)
         y = self.forward(x)
-        return losses.gloro_logits(y, self.layers[-1].weight, self.k_sub_tensor(), eps, self.variant)
+        return losses.gloro_logits(y, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, self.variant)
 
     def loss(self, x, y, loss="ce", eps=None, lam=None, power_iters=None, trades_form="kl") -> Tensor:
         """Scalar training loss (nn Tensor) at eps (default eps_train). Runs ``power_iters``
@@ -224,7 +230,7 @@ class GloroNet:
         if iters:
             self.power_update(iters)
         f = self.forward(Tensor(xd))
-        gl = losses.gloro_logits(f, self.layers[-1].weight, self.k_sub_tensor(), eps, self.variant)
+        gl = losses.gloro_logits(f, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, self.variant)
         if loss == "ce":
             return losses.gloro_ce(gl, lab)
         lam = self.lam if lam is None else check_real(lam, "lam")
@@ -318,9 +324,7 @@ class GloroNet:
     def state_arrays(self) -> dict:
         out = {}
         for i, layer in enumerate(self.layers):
-            out[f"param.{i}.weight"] = to_host(layer.weight.data)
-            out[f"param.{i}.bias"] = to_host(layer.bias.data)
-            out[f"iterate.{i}"] = to_host(layer.iterate)
+            out.update(layer.state_arrays(i))
         return out
 
     def save(self, path, extra=None):
@@ -365,9 +369,7 @@ def load(path) -> GloroNet:
     except (KeyError, TypeError, ValueError) as exc:
         raise _meta_error(path, exc) from None
     for i, layer in enumerate(layers):
-        shapes = {f"param.{i}.weight": layer.w_shape, f"param.{i}.bias": (layer.w_shape[0],),
-                  f"iterate.{i}": layer.iterate_shape}
-        checkpoint.check_arrays(path, arrays, shapes)
+        checkpoint.check_arrays(path, arrays, layer.array_shapes(i))
     try:
         eps, eps_train = _saved_radii(meta, extra)
         net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
@@ -379,9 +381,7 @@ def load(path) -> GloroNet:
     except (KeyError, TypeError, ValueError) as exc:
         raise _meta_error(path, exc) from None
     for i, layer in enumerate(net.layers):
-        layer.weight.data = np.ascontiguousarray(arrays[f"param.{i}.weight"], dtype=net.dtype)
-        layer.bias.data = np.ascontiguousarray(arrays[f"param.{i}.bias"], dtype=net.dtype)
-        layer.iterate = np.ascontiguousarray(arrays[f"iterate.{i}"], dtype=net.dtype)
+        layer.load_arrays(i, arrays, net.dtype)
     # the saved Lipschitz numbers are kept for reference only: a certificate must not
     # trust a file, so the frozen K is recomputed from the weights on first use
     net.saved_lipschitz = meta.get("lipschitz")

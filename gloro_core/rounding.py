@@ -111,12 +111,14 @@ class LayerConstants:
         self.limit = float(limit)
 
 
-def layer_constants(w, b, out_positions: int, sigma: float, sigma_abs: float, dtype, last: bool) -> LayerConstants:
+def layer_constants(w, b, out_positions: int, sigma: float, sigma_abs: float, dtype, last: bool,
+                    fan_in: int | None = None) -> LayerConstants:
     """LayerConstants for a layer with weight w (out, in, *taps), bias b (out,) broadcast over
-    out_positions, sigma >= ||A_W||_2 and sigma_abs >= ||A_|W|||_2."""
+    out_positions, sigma >= ||A_W||_2 and sigma_abs >= ||A_|W|||_2; fan_in: the terms of one
+    output's sum without the bias (default the weight's, prod(w.shape[1:]))."""
     w64 = np.asarray(w, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
-    fan = int(np.prod(w64.shape[1:]))
+    fan = int(np.prod(w64.shape[1:])) if fan_in is None else int(fan_in)
     # norms scaled by powers of two: squares of 1e-200 biases or weights underflow
     bias_norm = float(bounds.row_norms_up(b64[None, :])[0]) * math.sqrt(out_positions) * _INFLATE
     rows = absb = None

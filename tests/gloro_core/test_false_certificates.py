@@ -28,11 +28,14 @@ from gloro_core.model import GloroNet
 # ---------------------------------------------------------------- exact oracle
 
 def _layer_matrices(net):
-    """[(A float64 (out, in), bias per output float64)] of every layer, entries exact."""
+    """[(A float64 (out, in), bias per output float64)] of every layer, entries exact.
+
+    A dense layer's A is its effective weight (a NormalizedDense's rows as the forward
+    pass computes them in the model dtype: the network a certificate is about)."""
     out = []
-    for op, (w, b) in zip(net.ops, net.params):
-        w64 = np.asarray(w.data, dtype=np.float64)
-        b64 = np.asarray(b.data, dtype=np.float64)
+    for op in net.layers:
+        w64 = np.asarray(op.effective_weight(), dtype=np.float64)
+        b64 = np.asarray(op.bias.data, dtype=np.float64)
         if op.kind == "conv":
             a = bounds.conv_matrix_direct(w64, op.in_shape[1:], op.stride, op.padding)
             bias = np.repeat(b64, int(np.prod(op.out_shape[1:])))
@@ -48,11 +51,11 @@ def _exact_logits(net, mats, x):
     for i, (a, bias) in enumerate(mats):
         h = [sum((Fraction(float(a[r, c])) * h[c] for c in range(a.shape[1]) if a[r, c] != 0),
                  Fraction(float(bias[r]))) for r in range(a.shape[0])]
-        if i < len(mats) - 1:
+        if i < len(mats) - 1 and net.layers[i].activated:
             if net.activation == "relu":
                 h = [max(v, Fraction(0)) for v in h]
             else:   # MinMax on channel pairs (2k, 2k+1), each channel a block of positions
-                per = len(h) // net.ops[i].out_shape[0]
+                per = len(h) // net.layers[i].out_shape[0]
                 for k in range(0, len(h) // per, 2):
                     for p in range(per):
                         lo, hi = k * per + p, (k + 1) * per + p
@@ -230,6 +233,8 @@ ARCHS = [
                  {"type": "dense", "units": 2}, {"type": "dense", "units": 3}]),
     ((2, 4, 4), [{"type": "conv", "filters": 2, "kernel": 2, "stride": 2, "padding": "same"},
                  {"type": "dense", "units": 2}]),
+    # last-layer normalisation: K_ij from the normalised rows as computed in the model dtype
+    ((3,), [{"type": "dense", "units": 4}, {"type": "dense", "units": 3, "normalize": True}]),
 ]
 SCALES = {np.float64: (-300, 300), np.float32: (-40, 37)}   # exponents of 10 the weights may take
 

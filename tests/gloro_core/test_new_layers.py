@@ -1,0 +1,116 @@
+"""The layer types of issue 12 section 3: each against a plain NumPy reference, its gradient
+by float64 finite differences, its provable bound against the explicit matrix (built by
+applying the layer to basis vectors), its spec and its certification hooks."""
+import numpy as np
+import pytest
+
+from gloro_core import layers as L
+from gloro_core.model import GloroNet, load
+from nn.gradcheck import check_backward
+from nn.tensor import Parameter, Tensor
+
+
+def _explicit(layer, w):
+    """The layer's operator A (no bias) as a float64 matrix (out, in), from basis vectors."""
+    n = int(np.prod(layer.in_shape))
+    basis = np.eye(n).reshape((n,) + layer.in_shape)
+    return np.asarray(layer.apply(w, basis), dtype=np.float64).reshape(n, -1).T
+
+
+def _gradcheck_layer(layer, x, rng):
+    """Finite differences of the layer's autodiff forward in its input and parameters."""
+    def fn(xt, *params):
+        if params:
+            layer.weight, layer.bias = params
+        return layer.forward(xt)
+
+    params = [rng.standard_normal(layer.w_shape), rng.standard_normal(layer.w_shape[0])] if layer.parametric else []
+    check_backward(fn, [x] + params, rng=rng)
+
+
+def _params(layer, rng, dtype=np.float64):
+    layer.init_parameters(0, lambda shape, rng, dtype: rng.standard_normal(shape).astype(dtype), rng, dtype)
+    layer.bias.data = rng.standard_normal(layer.bias.shape).astype(dtype)
+    return layer
+
+
+# ---------------------------------------------------------------- last-layer normalisation
+
+NORM_SPECS = [{"type": "dense", "units": 6}, {"type": "dense", "units": 3, "normalize": True}]
+
+
+def test_normalized_dense_against_numpy():
+    rng = np.random.default_rng(0)
+    layer = _params(L.build(NORM_SPECS, (5,), 3, L.ReLU())[1], rng)
+    assert isinstance(layer, L.NormalizedDense) and layer.spec == NORM_SPECS[1]
+    x = rng.standard_normal((4, 6))
+    w, b = layer.weight.data, layer.bias.data
+    ref = x @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T + b
+    np.testing.assert_allclose(layer.forward(Tensor(x)).data, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(layer.effective_weight(), axis=1), 1.0, rtol=1e-14)
+    # a zero row stays zero (no NaN)
+    layer.weight.data[1] = 0.0
+    assert np.all(layer.effective_weight()[1] == 0) and np.all(np.isfinite(layer.forward(Tensor(x)).data))
+
+
+def test_normalized_dense_gradients_by_finite_differences():
+    rng = np.random.default_rng(1)
+    layer = _params(L.build(NORM_SPECS, (5,), 3, L.ReLU())[1], rng)
+    _gradcheck_layer(layer, rng.standard_normal((4, 6)), rng)
+    # and through the whole GloRo loss: the ⊥ head's K_ij uses the normalised rows
+    net = GloroNet((5,), 3, NORM_SPECS, dtype=np.float64, eps=0.5, seed=2)
+    x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    last = net.layers[-1]
+
+    def loss(w):
+        last.weight = w
+        return net.loss(x, y, power_iters=0)
+
+    check_backward(loss, [last.weight.data], rng=rng)
+
+
+def test_normalized_dense_bound_and_certification_use_the_effective_weight():
+    rng = np.random.default_rng(3)
+    net = GloroNet((5,), 3, NORM_SPECS, dtype=np.float32, eps=0.1, seed=4)
+    last = net.layers[-1]
+    last.weight.data *= 7.0
+    v = last.effective_weight()
+    assert v.dtype == np.float32
+    # the forward pass multiplies by exactly these float32 rows (x = basis vectors: exact)
+    eye = np.eye(6, dtype=np.float32)
+    np.testing.assert_array_equal(last.forward(Tensor(eye), bias=False).data.T, v)
+    bound, _ = last.provable(v.astype(np.float64))
+    exact = np.linalg.norm(_explicit(last, v.astype(np.float64)), 2)
+    assert exact <= bound <= exact * (1 + 1e-6)
+    k = net.certifier.pair_k(1.0)
+    v64 = v.astype(np.float64)
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                assert np.linalg.norm(v64[i] - v64[j]) <= k[i, j] <= np.linalg.norm(v64[i] - v64[j]) * (1 + 1e-6)
+    x = rng.random((16, 5)).astype(np.float32)
+    y, err = net._forward_with_error(x)
+    np.testing.assert_array_equal(y, net.logits(x))
+    pred, radius = net.certify(x)
+    assert np.all(radius >= 0)
+
+
+def test_normalize_only_on_the_last_layer_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="layer 0: 'normalize' is for the last"):
+        L.build([{"type": "dense", "units": 4, "normalize": True}, {"type": "dense", "units": 2}], (3,), 2, L.ReLU())
+    with pytest.raises(ValueError, match="'normalize' must be true or false"):
+        L.build([{"type": "dense", "units": 2, "normalize": 1}], (3,), 2, L.ReLU())
+    net = GloroNet((5,), 3, NORM_SPECS, seed=5)
+    net.save(tmp_path / "n.npz")
+    back = load(tmp_path / "n.npz")
+    assert back.specs == NORM_SPECS and isinstance(back.layers[-1], L.NormalizedDense)
+    x = np.random.default_rng(6).random((4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(back.logits(x), net.logits(x))
+
+
+def test_compact_architecture_syntax():
+    from gloro_core.architectures import layer_specs
+
+    assert layer_specs("d(5),n", 3) == [{"type": "dense", "units": 5}, {"type": "dense", "units": 3, "normalize": True}]
+    with pytest.raises(ValueError, match="must come last"):
+        layer_specs("n,d(5)", 3)
