@@ -50,7 +50,10 @@ class Certifier:
         return [layer.weight.data for layer in self.net.weighted]
 
     def _weight_digest(self, i) -> str:
-        w = np.ascontiguousarray(to_host(self.net.layers[i].weight.data))
+        layer = self.net.layers[i]
+        if not layer.parametric:
+            return repr(layer.spec)
+        w = np.ascontiguousarray(to_host(layer.effective_weight()))
         return hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest() + str(w.dtype) + str(w.shape)
 
     def _unchanged(self, arrays, snapshot) -> bool:
@@ -82,6 +85,11 @@ class Certifier:
             self.provable_method = provable_method
         power, iters, conv = [], [], []
         for layer in self.net.layers:
+            if not layer.parametric:   # a fixed operator's norm is known exactly: nothing to estimate
+                power.append(layer.norm)
+                iters.append(0)
+                conv.append(True)
+                continue
             v, s, it, ok = converge(layer, layer.effective_weight(), layer.iterate, tol, max_iter)
             layer.iterate = self.net.xp.ascontiguousarray(v, dtype=self.net.dtype)
             power.append(s)

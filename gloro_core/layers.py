@@ -359,6 +359,125 @@ class NormalizedDense(Dense):
             return self.normalised(Tensor(self.weight.data)).data
 
 
+class FixedLayer(Layer):
+    """A linear layer without parameters (no weight, bias or power iterate) whose operator
+    norm is known in closed form: :attr:`norm`, a float64 upper bound equal to the exact
+    norm up to its rounding, is both its power estimate and its provable bound. Nothing
+    of it goes into the checkpoint's arrays; the spec rebuilds it. The net's activation
+    does not follow it (it reshapes or pools what the previous layer's activation gave).
+    """
+
+    parametric, activated = False, False
+    norm = 1.0
+
+    def __init__(self, in_shape, out_shape, spec):
+        super().__init__(in_shape, out_shape, (), spec)
+
+    @classmethod
+    def image_shape(cls, d, i, in_shape) -> tuple:
+        """The spec's keys checked and the (C, H, W) input, or a ValueError naming layer i."""
+        cls.check_keys(d, i)
+        if len(in_shape) != 3:
+            raise ValueError(f"layer {i}: {cls.kind} needs a (C, H, W) input, got {tuple(in_shape)}")
+        return tuple(int(v) for v in in_shape)
+
+    def init_parameters(self, index, init, rng, dtype):
+        pass
+
+    def effective_weight(self):
+        return None
+
+    def sigma(self):
+        return self.norm   # a constant: no gradient
+
+    def array_shapes(self, i):
+        return {}
+
+    def state_arrays(self, i):
+        return {}
+
+    def load_arrays(self, i, arrays, dtype):
+        pass
+
+    def kernel_args(self, w, v):
+        return ()
+
+    def raw_ops(self, w, v):
+        return (lambda a: self.apply(w, a)), (lambda b: self.adjoint(w, b))
+
+    def provable(self, w=None, method="auto"):
+        return self.norm, "exact"
+
+    def abs_bound(self, w=None):
+        return self.norm   # the entries of both fixed operators are >= 0: |A| = A
+
+
+class InvDown(FixedLayer):
+    """Invertible 2x2 downsampling (space-to-depth): (C, H, W) -> (4C, H/2, W/2), H and W even.
+
+    Channel order (PyTorch's PixelUnshuffle(2)): out[4c + 2i + j, a, b] = in[c, 2a + i, 2b + j],
+    i, j in {0, 1} the row and column offsets inside the 2x2 block. A permutation of the
+    coordinates: orthogonal (A^T A = I), so ||A||_2 = 1, A^T = A^-1 (depth-to-space), and
+    exact in floating point: values and their rounding-error bounds move together.
+    """
+
+    kind = "invdown"
+    keys = ("type",)
+
+    def __init__(self, in_shape):
+        c, h, w = (int(v) for v in in_shape)
+        if h % 2 or w % 2:
+            raise ValueError(f"invdown needs an even height and width, got input (C, H, W) = {(c, h, w)}")
+        super().__init__((c, h, w), (4 * c, h // 2, w // 2), {"type": "invdown"})
+
+    @classmethod
+    def from_spec(cls, d, i, in_shape):
+        shape = cls.image_shape(d, i, in_shape)
+        try:
+            return cls(shape)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+
+    @property
+    def fan_in(self) -> int:
+        return 1
+
+    def _split(self, n):
+        c, h, w = self.in_shape
+        return (n, c, h // 2, 2, w // 2, 2)
+
+    def forward(self, h, relu=False, bias=True):
+        """(N, C, H, W) Tensor -> (N, 4C, H/2, W/2) (nn reshape/transpose: a permutation of the gradient too)."""
+        t = F.transpose(F.reshape(h, self._split(h.shape[0])), (0, 1, 3, 5, 2, 4))
+        return F.reshape(t, (h.shape[0],) + self.out_shape)
+
+    def apply(self, w, v):
+        """Space-to-depth on a raw array (N, *in_shape) -> (N, *out_shape)."""
+        xp = array_module(v)
+        t = v.reshape(self._split(v.shape[0])).transpose(0, 1, 3, 5, 2, 4)
+        return xp.ascontiguousarray(t).reshape((v.shape[0],) + self.out_shape)
+
+    def adjoint(self, w, u):
+        """Depth-to-space, the inverse: (N, *out_shape) -> (N, *in_shape)."""
+        xp = array_module(u)
+        c, h, w_ = self.in_shape
+        t = u.reshape(u.shape[0], c, 2, 2, h // 2, w_ // 2).transpose(0, 1, 4, 2, 5, 3)
+        return xp.ascontiguousarray(t).reshape((u.shape[0],) + self.in_shape)
+
+    def forward_error(self, h, e, dtype):
+        """Exact: the computed output is the permuted input, its error bound the permuted bound."""
+        out = self.apply(None, h)
+        fine = array_module(h).isfinite(out)
+        return out, self.apply(None, e), fine.reshape(fine.shape[0], -1).all(axis=1)
+
+    def rounding_constants(self, sigma, dtype, last):
+        """Norm 1, no rounding (gamma 0, no bias, nothing underflows)."""
+        return rounding.LayerConstants(sigma, 1.0, 0.0, 0.0, 0.0, limit=float(np.finfo(dtype).max))
+
+    def torch_modules(self):
+        return [("PixelUnshuffle", {"downscale_factor": 2}, {})]
+
+
 class ReLU:
     """max(h, 0): exact, 1-Lipschitz per coordinate; fused into the preceding layer's node."""
 
@@ -409,7 +528,7 @@ class MinMax:
         raise NotImplementedError("torch.nn has no MinMax (GroupSort-2) module")
 
 
-LAYER_TYPES = {"conv": Conv, "dense": Dense}
+LAYER_TYPES = {"conv": Conv, "dense": Dense, "invdown": InvDown}
 ACTIVATIONS = {"relu": ReLU, "minmax": MinMax}
 
 

@@ -34,6 +34,11 @@ def _layer_matrices(net):
     pass computes them in the model dtype: the network a certificate is about)."""
     out = []
     for op in net.layers:
+        if not op.parametric:   # linear, exact entries (a permutation): its matrix from basis vectors
+            n = int(np.prod(op.in_shape))
+            a = np.asarray(op.apply(None, np.eye(n).reshape((n,) + op.in_shape))).reshape(n, -1).T
+            out.append((a, np.zeros(a.shape[0])))
+            continue
         w64 = np.asarray(op.effective_weight(), dtype=np.float64)
         b64 = np.asarray(op.bias.data, dtype=np.float64)
         if op.kind == "conv":
@@ -235,6 +240,8 @@ ARCHS = [
                  {"type": "dense", "units": 2}]),
     # last-layer normalisation: K_ij from the normalised rows as computed in the model dtype
     ((3,), [{"type": "dense", "units": 4}, {"type": "dense", "units": 3, "normalize": True}]),
+    ((1, 4, 4), [{"type": "conv", "filters": 2, "kernel": 3, "padding": "same"}, {"type": "invdown"},
+                 {"type": "dense", "units": 2}]),
 ]
 SCALES = {np.float64: (-300, 300), np.float32: (-40, 37)}   # exponents of 10 the weights may take
 
@@ -263,7 +270,7 @@ def tiny_nets(draw, dtype, overflow=False):
     x = rng.uniform(-1, 1, (n,) + shape) * 10.0 ** level
     if draw(st.booleans()):
         x = np.abs(x)
-    for i, (w, b) in enumerate(net.params):
+    for i, (w, b) in enumerate(net.params):   # fixed layers (invdown) keep the magnitude
         # of this layer's output
         out = draw(st.integers(hi - 1, hi + 4)) if overflow and i == 0 else draw(magnitude(lo, hi))
         gain = int(np.clip(out - level - np.log10(np.prod(w.data.shape[1:])) / 2, lo, hi))

@@ -114,3 +114,65 @@ def test_compact_architecture_syntax():
     assert layer_specs("d(5),n", 3) == [{"type": "dense", "units": 5}, {"type": "dense", "units": 3, "normalize": True}]
     with pytest.raises(ValueError, match="must come last"):
         layer_specs("n,d(5)", 3)
+
+
+# ---------------------------------------------------------------- invertible downsampling
+
+def _space_to_depth(x):
+    """Plain NumPy reference, channel 4c + 2i + j = pixel (2a + i, 2b + j) of channel c."""
+    n, c, h, w = x.shape
+    out = np.empty((n, 4 * c, h // 2, w // 2), dtype=x.dtype)
+    for ch in range(c):
+        for i in range(2):
+            for j in range(2):
+                out[:, 4 * ch + 2 * i + j] = x[:, ch, i::2, j::2]
+    return out
+
+
+def test_invdown_against_numpy_and_its_gradient():
+    rng = np.random.default_rng(7)
+    layer = L.build([{"type": "invdown"}, {"type": "dense", "units": 2}], (3, 4, 6), 2, L.MinMax())[0]
+    assert layer.out_shape == (12, 2, 3) and not layer.parametric and layer.spec == {"type": "invdown"}
+    x = rng.standard_normal((2, 3, 4, 6))
+    np.testing.assert_array_equal(layer.forward(Tensor(x)).data, _space_to_depth(x))
+    np.testing.assert_array_equal(layer.adjoint(None, layer.apply(None, x)), x)   # orthogonal: A^T = A^-1
+    _gradcheck_layer(layer, x, rng)
+
+
+def test_invdown_bound_is_the_exact_norm_and_its_errors_are_permuted():
+    layer = L.InvDown((2, 4, 2))
+    a = _explicit(layer, None)
+    np.testing.assert_array_equal(a @ a.T, np.eye(a.shape[0]))   # a permutation matrix
+    bound, method = layer.provable()
+    assert method == "exact" and abs(bound - np.linalg.norm(a, 2)) <= 1e-12 and bound >= np.linalg.norm(a, 2)
+    h = np.random.default_rng(8).standard_normal((1, 2, 4, 2)).astype(np.float32)
+    e = np.random.default_rng(9).random((1, 2, 4, 2))
+    out, e_out, fine = layer.forward_error(h, e, np.float32)
+    np.testing.assert_array_equal(out, _space_to_depth(h))
+    np.testing.assert_array_equal(e_out, _space_to_depth(e))
+    assert fine.all()
+
+
+def test_invdown_odd_size_is_a_clear_error_and_nothing_is_stored(tmp_path):
+    with pytest.raises(ValueError, match="layer 0: invdown needs an even height and width"):
+        L.build([{"type": "invdown"}, {"type": "dense", "units": 2}], (1, 5, 4), 2, L.ReLU())
+    with pytest.raises(ValueError, match="layer 1: invdown needs a \\(C, H, W\\) input"):
+        L.build([{"type": "dense", "units": 4}, {"type": "invdown"}, {"type": "dense", "units": 2}], (4,), 2, L.ReLU())
+    specs = [{"type": "conv", "filters": 2, "kernel": 3}, {"type": "invdown"}, {"type": "dense", "units": 3}]
+    net = GloroNet((1, 4, 4), 3, specs, seed=1)
+    assert len(net.params) == 2 and len(net.iterates) == 2 and len(net.parameters()) == 4
+    assert not any(k.endswith(".1") or ".1." in k for k in net.state_arrays())
+    lip = net.update_lipschitz()
+    assert lip["layers"][1]["power"] == lip["layers"][1]["provable"] == 1.0
+    net.save(tmp_path / "i.npz")
+    back = load(tmp_path / "i.npz")
+    x = np.random.default_rng(2).random((5, 1, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(back.logits(x), net.logits(x))
+    np.testing.assert_array_equal(back.certify(x, eps=0.1)[1], net.certify(x, eps=0.1)[1])
+
+
+def test_compact_architecture_syntax_invdown():
+    from gloro_core.architectures import layer_specs
+
+    assert layer_specs("c(4,3,1),i,d(8)", 2)[1] == {"type": "invdown"}
+    assert layer_specs("i,d(8),n", 2)[0] == {"type": "invdown"}
