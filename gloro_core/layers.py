@@ -27,6 +27,7 @@ add it to :data:`LAYER_TYPES`.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -478,6 +479,85 @@ class InvDown(FixedLayer):
         return [("PixelUnshuffle", {"downscale_factor": 2}, {})]
 
 
+class AvgPool(FixedLayer):
+    """Average pooling over non-overlapping s x s windows (stride = size = s), NCHW:
+    (C, H, W) -> (C, H/s, W/s), H and W multiples of s.
+
+    Its norm is exactly 1/s. Proof: output (c, a, b) is the row of A with the entry 1/s^2
+    on the s^2 inputs of its window and 0 elsewhere. The windows are disjoint, so distinct
+    rows have disjoint supports and A A^T is diagonal with entries s^2 (1/s^2)^2 = 1/s^2:
+    A A^T = I / s^2, every singular value of A is 1/s, and ||A||_2 = 1/s. (The entries are
+    >= 0, so the Schur bound of |A| = A is also 1/s.) :attr:`norm` is 1/s rounded up.
+
+    Floating point: an output is fl(fl(sum of its s^2 inputs) / s^2) (a division by the
+    exact integer s^2, not a multiplication by a rounded 1/s^2). With S the exact sum, the
+    computed sum is S + d, |d| <= gamma_{s^2 - 1} sum |h| in any order, and the division
+    adds one relative rounding: |y' - S / s^2| <= gamma_{s^2 + 1} mean |h|. That is the
+    dot-product bound of a layer with fan-in s^2 (Layer.forward_error, :meth:`error_step`).
+    """
+
+    kind = "avgpool"
+    keys = ("type", "size")
+    required = ("size",)
+
+    def __init__(self, in_shape, size):
+        c, h, w = (int(v) for v in in_shape)
+        s = int(size)
+        if s < 1 or h % s or w % s:
+            raise ValueError(f"avgpool of size {s} needs a height and width that are multiples of it, "
+                             f"got input (C, H, W) = {(c, h, w)}")
+        super().__init__((c, h, w), (c, h // s, w // s), {"type": "avgpool", "size": size})
+        self.size = s
+        q = 1.0 / s
+        self.norm = q if Fraction(q) >= Fraction(1, s) else math.nextafter(q, math.inf)
+
+    @classmethod
+    def from_spec(cls, d, i, in_shape):
+        shape = cls.image_shape(d, i, in_shape)
+        size = spec_int(d, i, "size")
+        try:
+            return cls(shape, size)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+
+    @property
+    def fan_in(self) -> int:
+        return self.size * self.size
+
+    def _windows(self, n):
+        c, h, w = self.in_shape
+        s = self.size
+        return (n, c, h // s, s, w // s, s)
+
+    def forward(self, h, relu=False, bias=True):
+        """(N, C, H, W) Tensor -> (N, C, H/s, W/s): window sums (nn sum) divided by s^2."""
+        t = F.sum(F.reshape(h, self._windows(h.shape[0])), axis=(3, 5))
+        return F.div(t, np.asarray(self.fan_in, dtype=h.dtype))
+
+    def apply(self, w, v):
+        """The same operations on a raw array (so the same bits as :meth:`forward`)."""
+        return v.reshape(self._windows(v.shape[0])).sum(axis=(3, 5)) / v.dtype.type(self.fan_in)
+
+    def adjoint(self, w, u):
+        """Each output spread over its window, divided by s^2."""
+        xp, s = array_module(u), self.size
+        return xp.repeat(xp.repeat(u, s, axis=2), s, axis=3) / u.dtype.type(self.fan_in)
+
+    def error_step(self, h, src, gamma):
+        """(fl(avgpool h), avgpool src): A = |A| and there is no bias."""
+        return self.apply(None, h), self.apply(None, src)
+
+    def rounding_constants(self, sigma, dtype, last):
+        """sigma = sigma_abs = 1/s, gamma of fan-in s^2, no bias; s^2 + 1 subnormals per output."""
+        per_output = (self.fan_in + 1) * float(np.finfo(dtype).smallest_subnormal)
+        underflow = per_output * math.sqrt(math.prod(self.out_shape)) * (1.0 + 1e-9)
+        return rounding.LayerConstants(sigma * (1.0 + 1e-9), self.norm, rounding.gamma(self.fan_in, dtype), 0.0,
+                                       underflow, limit=float(np.finfo(dtype).max))
+
+    def torch_modules(self):
+        return [("AvgPool2d", {"kernel_size": self.size, "stride": self.size}, {})]
+
+
 class ReLU:
     """max(h, 0): exact, 1-Lipschitz per coordinate; fused into the preceding layer's node."""
 
@@ -528,7 +608,7 @@ class MinMax:
         raise NotImplementedError("torch.nn has no MinMax (GroupSort-2) module")
 
 
-LAYER_TYPES = {"conv": Conv, "dense": Dense, "invdown": InvDown}
+LAYER_TYPES = {"conv": Conv, "dense": Dense, "invdown": InvDown, "avgpool": AvgPool}
 ACTIVATIONS = {"relu": ReLU, "minmax": MinMax}
 
 

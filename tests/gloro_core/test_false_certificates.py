@@ -242,6 +242,8 @@ ARCHS = [
     ((3,), [{"type": "dense", "units": 4}, {"type": "dense", "units": 3, "normalize": True}]),
     ((1, 4, 4), [{"type": "conv", "filters": 2, "kernel": 3, "padding": "same"}, {"type": "invdown"},
                  {"type": "dense", "units": 2}]),
+    # (size 2: the oracle's entries 1/4 are exact)
+    ((2, 4, 4), [{"type": "avgpool", "size": 2}, {"type": "dense", "units": 2}, {"type": "dense", "units": 2}]),
 ]
 SCALES = {np.float64: (-300, 300), np.float32: (-40, 37)}   # exponents of 10 the weights may take
 
@@ -270,7 +272,7 @@ def tiny_nets(draw, dtype, overflow=False):
     x = rng.uniform(-1, 1, (n,) + shape) * 10.0 ** level
     if draw(st.booleans()):
         x = np.abs(x)
-    for i, (w, b) in enumerate(net.params):   # fixed layers (invdown) keep the magnitude
+    for i, (w, b) in enumerate(net.params):   # fixed layers (invdown, avgpool) keep the magnitude
         # of this layer's output
         out = draw(st.integers(hi - 1, hi + 4)) if overflow and i == 0 else draw(magnitude(lo, hi))
         gain = int(np.clip(out - level - np.log10(np.prod(w.data.shape[1:])) / 2, lo, hi))

@@ -176,3 +176,55 @@ def test_compact_architecture_syntax_invdown():
 
     assert layer_specs("c(4,3,1),i,d(8)", 2)[1] == {"type": "invdown"}
     assert layer_specs("i,d(8),n", 2)[0] == {"type": "invdown"}
+
+
+# ---------------------------------------------------------------- average pooling
+
+def _avgpool(x, s):
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, h // s, w // s))
+    for a in range(h // s):
+        for b in range(w // s):
+            out[:, :, a, b] = x[:, :, a * s:(a + 1) * s, b * s:(b + 1) * s].mean(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_avgpool_against_numpy_gradient_and_exact_bound(s):
+    rng = np.random.default_rng(10 + s)
+    layer = L.build([{"type": "avgpool", "size": s}, {"type": "dense", "units": 2}], (2, 2 * s, 3 * s), 2,
+                    L.ReLU())[0]
+    assert layer.out_shape == (2, 2, 3) and layer.spec == {"type": "avgpool", "size": s}
+    x = rng.standard_normal((3, 2, 2 * s, 3 * s))
+    np.testing.assert_allclose(layer.forward(Tensor(x)).data, _avgpool(x, s), rtol=1e-14, atol=1e-15)
+    u = rng.standard_normal((3,) + layer.out_shape)
+    np.testing.assert_allclose((layer.apply(None, x) * u).sum(), (x * layer.adjoint(None, u)).sum(), rtol=1e-12)
+    _gradcheck_layer(layer, x, rng)
+    a = _explicit(layer, None)
+    exact = np.linalg.norm(a, 2)
+    bound, method = layer.provable()
+    assert method == "exact" and exact <= bound and abs(bound - exact) <= 1e-12 and bound != 1.0
+    assert np.linalg.norm(np.abs(a), 2) <= layer.abs_bound() + 1e-15
+
+
+def test_avgpool_rounding_bound_covers_float32():
+    from fractions import Fraction
+
+    rng = np.random.default_rng(13)
+    layer = L.AvgPool((1, 6, 6), 3)
+    h = (rng.standard_normal((2, 1, 6, 6)) * 1e3).astype(np.float32)
+    out, err, fine = layer.forward_error(h, np.zeros(h.shape), np.float32)
+    assert fine.all()
+    for idx in np.ndindex(out.shape):
+        n, c, a, b = idx
+        window = h[n, c, 3 * a:3 * a + 3, 3 * b:3 * b + 3].ravel()
+        exact = sum(Fraction(float(v)) for v in window) / 9
+        assert abs(Fraction(float(out[idx])) - exact) <= Fraction(float(err[idx]))
+    with pytest.raises(ValueError, match="layer 0: avgpool of size 4 needs a height and width that are multiples"):
+        L.build([{"type": "avgpool", "size": 4}, {"type": "dense", "units": 2}], (1, 6, 8), 2, L.ReLU())
+
+
+def test_compact_architecture_syntax_avgpool():
+    from gloro_core.architectures import layer_specs
+
+    assert layer_specs("c(4,3,1),p(2),d(8)", 2)[1] == {"type": "avgpool", "size": 2}
