@@ -13,6 +13,7 @@ comma separated (the final dense with num_classes units is appended):
 * ``c(C,K,S)``: conv, C filters, kernel K, stride S, SAME padding;
 * ``d(D)``: dense, D units;
 * ``i``: invertible 2x2 downsampling (space-to-depth, ``{"type": "invdown"}``);
+* ``r(K)``: linear residual conv block y = x + conv(x) + b, kernel K odd (``{"type": "liresnet"}``);
 * ``p(S)``: average pooling over S x S windows, stride S (``{"type": "avgpool", "size": S}``);
 * ``n``: as the last token, the appended final dense is normalised (``"normalize": true``).
 """
@@ -53,12 +54,17 @@ def avgpool(size: int) -> dict:
     return {"type": "avgpool", "size": int(size)}
 
 
+def liresnet(kernel: int) -> dict:
+    return {"type": "liresnet", "kernel": int(kernel)}
+
+
 # compact tokens: letter -> (argument names, spec builder); "n" is handled by parse_compact
 TOKENS = {
     "c": (("C", "K", "S"), conv),
     "d": (("D",), dense),
     "i": ((), invdown),
     "p": (("S",), avgpool),
+    "r": (("K",), liresnet),
 }
 
 
@@ -74,7 +80,7 @@ _TOKEN = re.compile(r"\s*([a-z])\s*(?:\(\s*([0-9,\s]*)\))?\s*,?", re.IGNORECASE)
 def parse_compact(text: str, num_classes: int) -> list[dict]:
     """'c(16,4,2),d(100)' -> layer specs with the final dense(num_classes) appended.
 
-    Tokens: c(C,K,S) conv; d(D) dense; i invdown; p(S) avgpool; n (last token only) normalises the appended final
+    Tokens: c(C,K,S) conv; d(D) dense; i invdown; p(S) avgpool; r(K) liresnet; n (last token only) normalises the appended final
     dense (last-layer normalisation).
     """
     pos, items, normalize = 0, [], False

@@ -360,6 +360,99 @@ class NormalizedDense(Dense):
             return self.normalised(Tensor(self.weight.data)).data
 
 
+class LiResNet(Conv):
+    """Linear residual block (LiResNet, Hu et al., NeurIPS 2023): y = x + conv(x) + b, SAME
+    padding, stride 1, channels kept: in_shape (C, H, W), weight (C, C, k, k), k odd.
+
+    The operator is I + A (A the conv). Its norm is estimated in training by the power
+    method on I + A (:meth:`apply`, :meth:`adjoint`; no fused conv steps, which would miss
+    the identity) and bounded at certification as the conv whose kernel is w plus the
+    identity at the centre tap (k odd and SAME padding put the centre tap of output (i, j)
+    on input (i, j)): bounds.conv_provable_bound of that kernel. 1 + ||A|| would be sound
+    but loose (the residual may cancel part of x).
+
+    Floating point: fl(fl(conv(x) + b) + x) is one sum of C k^2 + 2 terms (the products,
+    x with weight 1, and b) in some order: the dot-product bound of fan-in C k^2 + 1.
+    """
+
+    kind, kernel = "liresnet", None
+    keys = ("type", "kernel")
+    required = ("kernel",)
+
+    def __init__(self, in_shape, kernel):
+        super().__init__(in_shape, int(in_shape[0]), kernel, 1, "same")
+        self.spec = {"type": "liresnet", "kernel": kernel}
+
+    @classmethod
+    def from_spec(cls, d, i, in_shape):
+        cls.check_keys(d, i)
+        if len(in_shape) != 3:
+            raise ValueError(f"layer {i}: liresnet needs a (C, H, W) input, got {tuple(in_shape)}")
+        k = spec_int(d, i, "kernel")
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"layer {i}: liresnet needs an odd kernel >= 1 (its centre tap is the identity), got {k}")
+        try:
+            return cls(in_shape, k)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.w_shape[1:]) + 1   # the residual x is one more term
+
+    def forward(self, h, relu=False, bias=True):
+        y = F.conv2d(h, self.weight, self.bias if bias else None, 1, "same") + h
+        return F.relu(y) if relu else y
+
+    def apply(self, w, v):
+        return super().apply(w, v) + v
+
+    def adjoint(self, w, u):
+        return super().adjoint(w, u) + u
+
+    def raw_ops(self, w, v):
+        fa, fb = super().raw_ops(w, v)
+        return (lambda a: fa(a) + a), (lambda b: fb(b) + b)
+
+    def _with_identity(self, w):
+        """(w + I at the centre tap in float64, a bound on what that addition rounded away)."""
+        w2 = np.array(w, dtype=np.float64)
+        c = self.in_shape[0]
+        k2 = (self.w_shape[2] // 2, self.w_shape[3] // 2)
+        centre = w2[np.arange(c), np.arange(c), k2[0], k2[1]]
+        total = centre + 1.0
+        # TwoSum: the exact rounding error of centre + 1 (w + 1 of a 1e-30 weight rounds)
+        bb = total - centre
+        err = (centre - (total - bb)) + (1.0 - bb)
+        w2[np.arange(c), np.arange(c), k2[0], k2[1]] = total
+        return w2, float(np.max(np.abs(err))) if c else 0.0
+
+    def provable(self, w, method="auto"):
+        """(sound bound of ||I + A||_2, method): the conv bound of w + I at the centre tap,
+        plus the norm of the rounding of that addition (a diagonal operator: its largest entry)."""
+        w2, err = self._with_identity(w)
+        bound, method = bounds.conv_provable_bound(w2, self.in_shape[1:], 1, "same", method)
+        return (math.nextafter(bound + err, math.inf) if err else bound), method
+
+    def abs_bound(self, w) -> float:
+        """Schur bound of |W| + I (>= |W + I| entrywise)."""
+        w2, _ = self._with_identity(np.abs(np.asarray(w, dtype=np.float64)))
+        return rounding.abs_operator_bound(w2)
+
+    def error_step(self, h, src, gamma):
+        """Conv's step plus the residual: fl(conv h + b) + h, and |W| src + gamma |b| + src."""
+        out, e = super().error_step(h, src, gamma)
+        return out + h, e + src
+
+    def torch_modules(self):
+        """ZeroPad2d and a Conv2d whose kernel is w + I at the centre (in the model dtype:
+        the same function up to the rounding of w + 1)."""
+        mods = super().torch_modules()
+        w = to_host(self.weight.data)
+        mods[1][2]["weight"] = self._with_identity(w)[0].astype(w.dtype)
+        return mods
+
+
 class FixedLayer(Layer):
     """A linear layer without parameters (no weight, bias or power iterate) whose operator
     norm is known in closed form: :attr:`norm`, a float64 upper bound equal to the exact
@@ -608,7 +701,8 @@ class MinMax:
         raise NotImplementedError("torch.nn has no MinMax (GroupSort-2) module")
 
 
-LAYER_TYPES = {"conv": Conv, "dense": Dense, "invdown": InvDown, "avgpool": AvgPool}
+LAYER_TYPES = {"conv": Conv, "dense": Dense, "invdown": InvDown, "avgpool": AvgPool,
+               "liresnet": LiResNet}
 ACTIVATIONS = {"relu": ReLU, "minmax": MinMax}
 
 

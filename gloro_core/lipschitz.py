@@ -84,6 +84,8 @@ def _fused_steps(op, w, v):
     errors: float arrays of one dtype, w of the layer's shape, v one iterate.
     """
     name = op.kernel
+    if name is None:   # the layer has no fused steps (e.g. a residual I + A)
+        return None
     backend = registry.select(name, v)
     if not registry.has(name + "_power_steps", backend):
         return None

@@ -28,7 +28,9 @@ from gloro_core.model import GloroNet
 # ---------------------------------------------------------------- exact oracle
 
 def _layer_matrices(net):
-    """[(A float64 (out, in), bias per output float64)] of every layer, entries exact.
+    """[(A float64 (out, in), bias per output float64, skip)] of every layer, entries
+    exact; the layer computes A h + b, plus h where skip (a residual block: I + A, kept
+    apart because w + 1 need not be a float).
 
     A dense layer's A is its effective weight (a NormalizedDense's rows as the forward
     pass computes them in the model dtype: the network a certificate is about)."""
@@ -37,25 +39,25 @@ def _layer_matrices(net):
         if not op.parametric:   # linear, exact entries (a permutation): its matrix from basis vectors
             n = int(np.prod(op.in_shape))
             a = np.asarray(op.apply(None, np.eye(n).reshape((n,) + op.in_shape))).reshape(n, -1).T
-            out.append((a, np.zeros(a.shape[0])))
+            out.append((a, np.zeros(a.shape[0]), False))
             continue
         w64 = np.asarray(op.effective_weight(), dtype=np.float64)
         b64 = np.asarray(op.bias.data, dtype=np.float64)
-        if op.kind == "conv":
+        if op.kind in ("conv", "liresnet"):
             a = bounds.conv_matrix_direct(w64, op.in_shape[1:], op.stride, op.padding)
             bias = np.repeat(b64, int(np.prod(op.out_shape[1:])))
         else:
             a, bias = w64, b64
-        out.append((a, bias))
+        out.append((a, bias, op.kind == "liresnet"))
     return out
 
 
 def _exact_logits(net, mats, x):
     """f(x) in exact arithmetic: list of Fractions (m,). x: one input, any float dtype."""
     h = [Fraction(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
-    for i, (a, bias) in enumerate(mats):
+    for i, (a, bias, skip) in enumerate(mats):
         h = [sum((Fraction(float(a[r, c])) * h[c] for c in range(a.shape[1]) if a[r, c] != 0),
-                 Fraction(float(bias[r]))) for r in range(a.shape[0])]
+                 Fraction(float(bias[r])) + (h[r] if skip else 0)) for r in range(a.shape[0])]
         if i < len(mats) - 1 and net.layers[i].activated:
             if net.activation == "relu":
                 h = [max(v, Fraction(0)) for v in h]
@@ -68,23 +70,26 @@ def _exact_logits(net, mats, x):
     return h
 
 
-def _norm_sq_lower(a):
-    """A rational lower bound of ||a||_2^2: ||a v||^2 / ||v||^2 at a float64 top singular
-    vector v (any v gives a lower bound; this one is nearly tight)."""
-    if not np.any(a):
+def _norm_sq_lower(a, skip=False):
+    """A rational lower bound of ||a + skip I||_2^2: ||(a + skip I) v||^2 / ||v||^2 at a
+    float64 top singular vector v (any v gives a lower bound; this one is nearly tight)."""
+    if skip:
+        v = np.linalg.svd(a + np.eye(a.shape[0]))[2][0]
+    elif not np.any(a):
         return Fraction(0)
-    v = np.linalg.svd(a / np.max(np.abs(a)))[2][0]   # (scaled: the SVD of 1e-300 entries)
+    else:
+        v = np.linalg.svd(a / np.max(np.abs(a)))[2][0]   # (scaled: the SVD of 1e-300 entries)
     vf = [Fraction(float(t)) for t in v]
-    av = [sum((Fraction(float(a[r, c])) * vf[c] for c in range(a.shape[1]) if a[r, c] != 0), Fraction(0))
-          for r in range(a.shape[0])]
+    av = [sum((Fraction(float(a[r, c])) * vf[c] for c in range(a.shape[1]) if a[r, c] != 0),
+              vf[r] if skip else Fraction(0)) for r in range(a.shape[0])]
     return sum(t * t for t in av) / sum(t * t for t in vf)
 
 
 def _k_sq_lower(mats):
     """(m, m) nested list: rational lower bounds of K_ji^2 = K_sub^2 ||w_j - w_i||^2."""
     k_sub_sq = Fraction(1)
-    for a, _ in mats[:-1]:
-        k_sub_sq *= _norm_sq_lower(a)
+    for a, _, skip in mats[:-1]:
+        k_sub_sq *= _norm_sq_lower(a, skip)
     w = mats[-1][0]
     wf = [[Fraction(float(t)) for t in row] for row in w]
     m = len(wf)
@@ -244,6 +249,7 @@ ARCHS = [
                  {"type": "dense", "units": 2}]),
     # (size 2: the oracle's entries 1/4 are exact)
     ((2, 4, 4), [{"type": "avgpool", "size": 2}, {"type": "dense", "units": 2}, {"type": "dense", "units": 2}]),
+    ((2, 3, 3), [{"type": "liresnet", "kernel": 3}, {"type": "dense", "units": 2}]),
 ]
 SCALES = {np.float64: (-300, 300), np.float32: (-40, 37)}   # exponents of 10 the weights may take
 
@@ -272,7 +278,8 @@ def tiny_nets(draw, dtype, overflow=False):
     x = rng.uniform(-1, 1, (n,) + shape) * 10.0 ** level
     if draw(st.booleans()):
         x = np.abs(x)
-    for i, (w, b) in enumerate(net.params):   # fixed layers (invdown, avgpool) keep the magnitude
+    for i, layer in enumerate(net.weighted):   # fixed layers (invdown, avgpool) keep the magnitude
+        w, b = layer.weight, layer.bias
         # of this layer's output
         out = draw(st.integers(hi - 1, hi + 4)) if overflow and i == 0 else draw(magnitude(lo, hi))
         gain = int(np.clip(out - level - np.log10(np.prod(w.data.shape[1:])) / 2, lo, hi))
@@ -280,7 +287,7 @@ def tiny_nets(draw, dtype, overflow=False):
         scale = draw(st.one_of(st.just(None), st.integers(-12, 3)))
         scale = 0.0 if scale is None else 10.0 ** int(np.clip(out + scale, lo, hi))
         b.data = (rng.uniform(-1, 1, b.data.shape) * scale).astype(dtype)
-        level = out
+        level = max(level, out) if layer.kind == "liresnet" else out   # (x passes through a residual)
     eps = draw(st.one_of(st.just(0.0), st.integers(-300, 300).map(lambda k: 10.0 ** k)))
     return net, x.astype(dtype), eps
 

@@ -1,6 +1,8 @@
 """The layer types of issue 12 section 3: each against a plain NumPy reference, its gradient
 by float64 finite differences, its provable bound against the explicit matrix (built by
 applying the layer to basis vectors), its spec and its certification hooks."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -228,3 +230,74 @@ def test_compact_architecture_syntax_avgpool():
     from gloro_core.architectures import layer_specs
 
     assert layer_specs("c(4,3,1),p(2),d(8)", 2)[1] == {"type": "avgpool", "size": 2}
+
+
+# ---------------------------------------------------------------- linear residual block
+
+def _conv_same(x, w):
+    """Plain NumPy SAME conv (stride 1, odd kernel): out[o,i,j] = sum w[o,c,p,q] x[c,i+p-r,j+q-r]."""
+    n, c, h, wd = x.shape
+    k = w.shape[2]
+    r = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)))
+    out = np.zeros((n, w.shape[0], h, wd))
+    for p in range(k):
+        for q in range(k):
+            out += np.einsum("oc,nchw->nohw", w[:, :, p, q], xp[:, :, p:p + h, q:q + wd])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_liresnet_against_numpy_gradient_and_bound(k):
+    rng = np.random.default_rng(20 + k)
+    layer = _params(L.build([{"type": "liresnet", "kernel": k}, {"type": "dense", "units": 2}], (2, 4, 3), 2,
+                            L.ReLU())[0], rng)
+    assert layer.out_shape == (2, 4, 3) and layer.w_shape == (2, 2, k, k) and layer.fan_in == 2 * k * k + 1
+    x = rng.standard_normal((3, 2, 4, 3))
+    w, b = layer.weight.data, layer.bias.data
+    ref = x + _conv_same(x, w) + b[None, :, None, None]
+    np.testing.assert_allclose(layer.forward(Tensor(x)).data, ref, rtol=1e-12, atol=1e-12)
+    _gradcheck_layer(layer, x, rng)
+    w = rng.standard_normal(layer.w_shape) * 0.3
+    a = _explicit(layer, w)
+    np.testing.assert_allclose(a, np.eye(a.shape[0]) + _explicit(L.Conv((2, 4, 3), 2, k), w), atol=1e-15)
+    exact = np.linalg.norm(a, 2)
+    for method in ("auto", "fft", "explicit"):
+        bound, _ = layer.provable(w, method)
+        assert exact <= bound, method
+    assert layer.provable(w)[0] <= exact * (1 + 1e-6)      # small: the explicit matrix's norm
+    assert np.linalg.norm(np.abs(a), 2) <= layer.abs_bound(w)
+    # the power method converges to the same norm of I + A
+    from gloro_core.lipschitz import converge
+    _, sigma, _, ok = converge(layer, w, rng.standard_normal((1, 2, 4, 3)), tol=1e-10, max_iter=5000)
+    assert ok and sigma == pytest.approx(exact, rel=1e-6)
+
+
+def test_liresnet_bound_covers_the_rounding_of_w_plus_one():
+    """w + 1 of a centre weight 2^-60 rounds to 1 in float64: the rounded-away 2^-60 is
+    found exactly (TwoSum) and added to the bound."""
+    layer = L.LiResNet((1, 1, 1), 1)
+    w = np.array([[[[2.0 ** -60]]]])
+    w2, err = layer._with_identity(w)
+    assert w2[0, 0, 0, 0] == 1.0 and err == 2.0 ** -60
+    assert layer.provable(w)[0] >= Fraction(1) + Fraction(2) ** -60
+    with pytest.raises(ValueError, match="layer 0: liresnet needs an odd kernel"):
+        L.build([{"type": "liresnet", "kernel": 2}, {"type": "dense", "units": 2}], (1, 4, 4), 2, L.ReLU())
+
+
+def test_liresnet_training_sigma_is_the_residual_norm():
+    net = GloroNet((2, 4, 4), 2, [{"type": "liresnet", "kernel": 3}, {"type": "dense", "units": 2}],
+                   dtype=np.float64, seed=3)
+    layer = net.layers[0]
+    net.power_update(200)
+    v = layer.iterate
+    np.testing.assert_allclose(float(layer.sigma().data), np.linalg.norm(layer.apply(layer.weight.data, v)))
+    lip = net.update_lipschitz()
+    assert lip["layers"][0]["power"] <= lip["layers"][0]["provable"] * (1 + 1e-9)
+    assert lip["layers"][0]["power"] == pytest.approx(float(layer.sigma().data), rel=1e-4)
+
+
+def test_compact_architecture_syntax_liresnet():
+    from gloro_core.architectures import layer_specs
+
+    assert layer_specs("c(4,3,1),r(3),d(8)", 2)[1] == {"type": "liresnet", "kernel": 3}
