@@ -301,3 +301,31 @@ def test_compact_architecture_syntax_liresnet():
     from gloro_core.architectures import layer_specs
 
     assert layer_specs("c(4,3,1),r(3),d(8)", 2)[1] == {"type": "liresnet", "kernel": 3}
+
+
+# ---------------------------------------------------------------- every new layer, end to end
+
+def test_end_to_end_every_new_layer_from_json(tmp_path, capsys):
+    """A net with liresnet, invdown, avgpool and a normalised last dense, from a JSON
+    architecture: one epoch on synthetic data, certify, and PGD flips no certified point."""
+    import json
+
+    from gloro_core.cli import main
+
+    specs = [{"type": "conv", "filters": 4, "kernel": 3, "stride": 1, "padding": "same"},
+             {"type": "liresnet", "kernel": 3}, {"type": "invdown"}, {"type": "avgpool", "size": 2},
+             {"type": "dense", "units": 16}, {"type": "dense", "units": 10, "normalize": True}]
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(specs))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--limit", "1024",
+                 "--arch", str(arch), "--eps", "0.02", "--epochs", "1", "--batch", "32", "--power-iters", "2",
+                 "--lr", "0.01", "--no-progress", "--out", str(out)]) == 0
+    net = load(out / "last.npz")
+    assert net.specs == specs and [layer.parametric for layer in net.layers] == [True, True, False, False, True, True]
+    assert main(["certify", str(out), "--json", "--limit", "64"]) == 0
+    cert = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= cert["vra"] <= cert["clean_acc"] <= 1
+    assert main(["attack", str(out), "--json", "--limit", "64", "--steps", "10"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["certified"] > 0 and res["certified_flipped"] == 0
