@@ -16,8 +16,14 @@ A linear layer (:class:`Conv`, :class:`Dense`) is an nn Module that owns
   (:meth:`error_step`);
 * its PyTorch-layout export (:meth:`torch_modules`).
 
+Layer types: :class:`Conv`, :class:`Dense` (with ``"normalize": true`` on the last layer
+a :class:`NormalizedDense`), :class:`LiResNet` (x + conv(x) + b), and the parameter-free
+:class:`FixedLayer` s :class:`InvDown` (space-to-depth) and :class:`AvgPool`, whose exact
+norm replaces the power iterate and the provable bound (``parametric`` False).
+
 Activations (:class:`ReLU`, :class:`MinMax`) are 1-Lipschitz and exact in floating
-point; they sit after every linear layer but the last.
+point; they sit after every layer but the last whose ``activated`` is True (not after a
+FixedLayer).
 
 Adding a layer type: subclass :class:`Layer`, set ``kind``, ``kernel`` and ``keys``, and
 write ``__init__`` (shapes), ``from_spec``, ``forward``, ``apply``, ``adjoint``,
