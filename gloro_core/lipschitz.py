@@ -104,8 +104,8 @@ def _fused_steps(op, w, v):
 def _run_fused(fused, op, w, v, iters: int, sigma: bool):
     """power_steps' result through a function from _fused_steps."""
     v, ok = fused(v, int(iters))
-    if not ok:  # A v or A^T u was exactly 0 (see module docstring)
-        return v, 0.0
+    if ok is False:  # A v or A^T u was exactly 0 (see module docstring); None: not known on
+        return v, 0.0  # the host (GPU ops keep the iterate on the device, no sync to ask)
     return v, (_norm(op.apply(w, v)) if sigma else None)
 
 

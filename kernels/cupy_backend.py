@@ -5,6 +5,11 @@ Ops registered (inputs and outputs are CuPy arrays of one float dtype):
   dense, dense_grad_input, dense_grad_weight      tiled GEMM (gemm_conv.cu)
   minmax, minmax_grad                             one thread per channel pair
   adam_update(p, g, m, v, lr_t, b1, b2, eps)      in place, one fused kernel
+  conv2d_power_steps(v, w, iters, stride, pads) -> (v, None)
+  dense_power_steps(v, w, iters) -> (v, None)
+    The CPU backends' fused power steps (what gloro_core.lipschitz runs in training):
+    ``iters`` steps, a step whose norm is exactly 0 keeping the previous iterate, chosen
+    on the device; ``ok`` is None because only a host sync could tell.
   conv_power_step(v, w, stride, pads) -> (v_next, sigma)
   dense_power_step(v, w) -> (v_next, sigma)
     One power-method step for the operator A (conv without bias, resp. v -> v w^T):
@@ -485,6 +490,37 @@ def _l2(a, scale: bool):
     _launch("elementwise.cu", "l2_normalize", a, (1,), (RED_THREADS,),
             (a, nrm, *_i32(a.size, op="l2_normalize"), np.int32(bool(scale))))
     return nrm
+
+
+def _power_steps(v, iters, apply, adjoint):
+    """``iters`` steps v <- A^T u / ||A^T u||, u = A v / ||A v||. As the CPU ops do, a step
+    where A v or A^T u is exactly 0 keeps the previous iterate: chosen on the device
+    (cupy.where on the 0-d norms), so the steps need no host sync."""
+    for _ in range(int(iters)):
+        u = apply(v)
+        nu = _l2(u, scale=True)
+        z = adjoint(u)
+        nz = _l2(z, scale=True)
+        v = cp.where((nu == 0) | (nz == 0), v, z)
+    return v
+
+
+@register("conv2d_power_steps", "cupy")
+def conv2d_power_steps(v, w, iters, stride, pads):
+    """The CPU op's contract: v (1, C, H, W), w (O, C, kh, kw) -> (v after ``iters`` steps,
+    ok). ok is None: whether a norm was 0 is known only on the device."""
+    v = _contig(v)
+    return _power_steps(v, iters, lambda a: conv2d(a, w, None, stride, pads),
+                        lambda b: conv2d_grad_input(b, w, v.shape, stride, pads)), None
+
+
+@register("dense_power_steps", "cupy")
+def dense_power_steps(v, w, iters):
+    """v (1, I), w (O, I) -> (v after ``iters`` steps, None); see conv2d_power_steps."""
+    shape = v.shape
+    v = _contig(v).reshape(1, -1)
+    return _power_steps(v, iters, lambda a: dense(a, w, None),
+                        lambda b: dense_grad_input(b, w)).reshape(shape), None
 
 
 @register("conv_power_step", "cupy")

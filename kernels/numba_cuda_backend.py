@@ -1,7 +1,8 @@
 """The ``numba_cuda`` backend: the GPU ops written as ``numba.cuda.jit`` kernels.
 
 Same op names and semantics as the ``cupy`` backend (see kernels/cupy_backend.py,
-including adam_update, conv_power_step and dense_power_step), and the same array
+including adam_update, the fused conv2d_power_steps / dense_power_steps and the single
+conv_power_step / dense_power_step), and the same array
 type: registered ops take and return CuPy arrays (numba sees them through
 ``__cuda_array_interface__``, no copies), so the two GPU backends are
 interchangeable under the registry's array-type dispatch.
@@ -323,6 +324,24 @@ def _l2_sig(dtype):
     return f"void({t}[::1], {t}[::1], int64, int64)"
 
 
+def _make_keep(dtype):
+    def keep_if_zero(z, v, nu, nz, n):
+        """z <- v where a power step's norm was exactly 0 (the previous iterate is kept)."""
+        if nu[0] == 0 or nz[0] == 0:
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            while i < n:
+                z[i] = v[i]
+                i += stride
+
+    return keep_if_zero
+
+
+def _keep_sig(dtype):
+    t = np.dtype(dtype).name
+    return f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], int64)"
+
+
 # name -> (factory(dtype) -> python kernel function, signature(dtype) -> str)
 KERNELS = {name: ((lambda dt, _n=name: _make_gemm(_n, dt)), _gemm_sig) for name in GEMM_OPS}
 KERNELS.update({
@@ -330,6 +349,7 @@ KERNELS.update({
     "minmax_bwd": (_make_minmax_bwd, _minmax_sig(3)),
     "adam_step": (_make_adam, _adam_sig),
     "l2_normalize": (_make_l2, _l2_sig),
+    "keep_if_zero": (_make_keep, _keep_sig),
 })
 
 _JITTED: dict[tuple[str, str], object] = {}
@@ -576,6 +596,36 @@ def _dense_power_step(al, v, w):
     return al.reshape(z, tuple(v.shape)), sigma
 
 
+def _power_steps(al, v, iters, apply, adjoint):
+    """``iters`` steps v <- A^T u / ||A^T u||, u = A v / ||A v||, on the device. As the CPU
+    ops do, a step where A v or A^T u is exactly 0 keeps the previous iterate: decided on
+    the device (keep_if_zero), so the steps need no host sync."""
+    n = int(v.size)
+    for _ in range(int(iters)):
+        u = apply(v)
+        nu = _l2(al, u, True)
+        z = adjoint(u)
+        nz = _l2(al, z, True)
+        _kernel("keep_if_zero", z.dtype)[_ew_grid(n), EW_THREADS](al.flat_out(z), al.flat(v), al.flat_out(nu),
+                                                                 al.flat_out(nz), n)
+        v = z
+    return v
+
+
+def _conv2d_power_steps(al, v, w, iters, stride, pads):
+    """v (1, C, H, W), w (O, C, kh, kw) -> v after ``iters`` power steps of the conv."""
+    return _power_steps(al, v, iters, lambda a: _conv2d(al, a, w, None, stride, pads),
+                        lambda b: _conv2d_grad_input(al, b, w, tuple(v.shape), stride, pads))
+
+
+def _dense_power_steps(al, v, w, iters):
+    """v (1, I), w (O, I) -> v after ``iters`` power steps of x -> W x."""
+    i = int(w.shape[1])
+    out = _power_steps(al, al.reshape(v, (1, i)), iters, lambda a: _dense(al, a, w, None),
+                       lambda b: _dense_grad_input(al, b, w))
+    return al.reshape(out, tuple(v.shape))
+
+
 _IMPLS = {
     "conv2d": _conv2d,
     "conv2d_grad_input": _conv2d_grad_input,
@@ -587,6 +637,8 @@ _IMPLS = {
     "minmax_grad": _minmax_grad,
     "conv_power_step": _conv_power_step,
     "dense_power_step": _dense_power_step,
+    "conv2d_power_steps": _conv2d_power_steps,
+    "dense_power_steps": _dense_power_steps,
 }
 
 
@@ -631,7 +683,7 @@ def _register_all():
         return op
 
     for name, fn in _IMPLS.items():
-        if name in ("conv_power_step", "dense_power_step"):
+        if name in ("conv_power_step", "dense_power_step", "conv2d_power_steps", "dense_power_steps"):
             continue
         register(name, "numba_cuda")(wrap(fn))
 
@@ -662,3 +714,16 @@ def dense_power_step(v, w):
         raise TypeError(f"dense_power_step: v is {v.dtype} but w is {w.dtype}")
     z, sigma = _dense_power_step(_cp(), v, w)
     return z, sigma.reshape(())
+
+
+@register("conv2d_power_steps", "numba_cuda")
+def conv2d_power_steps(v, w, iters, stride, pads):
+    """The CPU op's contract: v (1, C, H, W) CuPy -> (v after ``iters`` steps, ok). ok is None:
+    whether a norm was 0 is known only on the device (the iterate was kept there)."""
+    return _conv2d_power_steps(_cp(), v, w, iters, stride, pads), None
+
+
+@register("dense_power_steps", "numba_cuda")
+def dense_power_steps(v, w, iters):
+    """v (1, I) CuPy, w (O, I) -> (v after ``iters`` steps, None); see conv2d_power_steps."""
+    return _dense_power_steps(_cp(), v, w, iters), None
