@@ -58,12 +58,58 @@ _IMPLS: dict[tuple[str, str], object] = {}
 _LOADED: dict[str, str | None] = {}  # backend -> None if ok, else the reason it failed
 
 
+# The kernel contract: every op a backend may register, with its positional parameters.
+# REQUIRED ops are what kernels/api.py, nn and the optimiser call on any array, so every
+# backend implements them; the others are fused or single-step variants that callers look
+# up with has() (e.g. gloro_core.lipschitz finds "<op>_power_steps" by name).
+OPS: dict[str, tuple[str, ...]] = {
+    "conv2d": ("x", "w", "b", "stride", "pads"),
+    "conv2d_grad_input": ("gy", "w", "x_shape", "stride", "pads"),
+    "conv2d_grad_weight": ("x", "gy", "w_shape", "stride", "pads"),
+    "dense": ("x", "w", "b"),
+    "dense_grad_input": ("gy", "w"),
+    "dense_grad_weight": ("x", "gy"),
+    "minmax": ("x",),
+    "minmax_grad": ("x", "gy"),
+    "adam_update": ("p", "g", "m", "v", "lr_t", "beta1", "beta2", "epsilon"),
+    "conv2d_power_steps": ("v", "w", "iters", "stride", "pads"),   # -> (v, ok: bool or None)
+    "dense_power_steps": ("v", "w", "iters"),
+    "conv2d_relu": ("x", "w", "b", "stride", "pads"),
+    "relu_grad": ("out", "gy"),
+    "relu_grad_bias": ("out", "gy"),
+    "conv_power_step": ("v", "w", "stride", "pads"),               # -> (v_next, sigma)
+    "dense_power_step": ("v", "w"),
+}
+REQUIRED = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight", "dense", "dense_grad_input",
+            "dense_grad_weight", "minmax", "minmax_grad", "adam_update")
+
+
+def _positional_count(fn) -> int | None:
+    """How many positional parameters fn takes; None when it takes *args (a wrapper)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):   # a compiled callable without a signature
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 def register(op: str, backend: str):
-    """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``."""
+    """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``; the op must
+    be in OPS and fn must take its parameters (a TypeError at import, not at first call)."""
     if backend not in BACKEND_MODULES:
         raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_MODULES)}")
+    if op not in OPS:
+        raise ValueError(f"{backend}: {op!r} is not an op of the kernel contract (registry.OPS)")
 
     def deco(fn):
+        n = _positional_count(fn)
+        if n is not None and n != len(OPS[op]):
+            raise TypeError(f"{backend}: {op} takes ({', '.join(OPS[op])}); "
+                            f"{getattr(fn, '__name__', fn)} takes {n} positional parameters")
         _IMPLS[(op, backend)] = fn
         return fn
 

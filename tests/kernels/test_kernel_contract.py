@@ -1,4 +1,5 @@
-"""The fused power-step ops: one contract on every backend.
+"""The kernel contract (registry.OPS): the ops every backend implements, and the fused
+power-step ops under one name and meaning on every backend.
 
 ``conv2d_power_steps(v, w, iters, stride, pads)`` and ``dense_power_steps(v, w, iters)``
 return (v after ``iters`` steps, ok); a step where A v or A^T u is exactly 0 keeps the
@@ -33,12 +34,69 @@ def _registered(module_file: str) -> set:
     return out
 
 
+def _decorated_arity(module_file: str) -> dict:
+    """{(op, backend): number of positional parameters} of @register-decorated functions."""
+    tree = ast.parse((REPO / "kernels" / module_file).read_text())
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register" and len(d.args) == 2:
+                    out[(d.args[0].value, d.args[1].value)] = len(node.args.posonlyargs) + len(node.args.args)
+    return out
+
+
+def _impls_dict_keys(module_file: str) -> set:
+    """Keys of a module-level ``_IMPLS = {...}`` literal (numba_cuda registers from it)."""
+    tree = ast.parse((REPO / "kernels" / module_file).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_IMPLS" for t in node.targets):
+            return {k.value for k in node.value.keys}
+    return set()
+
+
 @pytest.mark.parametrize("module_file, backend", [("numba_backend.py", "numba"), ("cupy_backend.py", "cupy"),
                                                   ("numba_cuda_backend.py", "numba_cuda")])
 def test_every_fused_backend_registers_the_names_lipschitz_looks_up(module_file, backend):
     regs = _registered(module_file)
     for op in OPS:
         assert (op, backend) in regs, f"{module_file} does not register {op!r} for {backend!r}"
+
+
+@pytest.mark.parametrize("module_file, backend", [("cupy_backend.py", "cupy"), ("numba_cuda_backend.py", "numba_cuda")])
+def test_gpu_backends_implement_the_required_ops(module_file, backend):
+    """Read from the source: the GPU modules do not import without CuPy."""
+    from kernels import registry
+
+    have = {op for op, b in _registered(module_file) if b == backend} | _impls_dict_keys(module_file)
+    assert not set(registry.REQUIRED) - have, f"{backend} lacks {sorted(set(registry.REQUIRED) - have)}"
+    assert have <= set(registry.OPS), f"{backend} registers ops outside the contract: {sorted(have - set(registry.OPS))}"
+    for (op, _), n in _decorated_arity(module_file).items():
+        assert n == len(registry.OPS[op]), f"{backend} {op} takes {n} parameters, the contract {registry.OPS[op]}"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "reference"])
+def test_cpu_backends_implement_the_required_ops(backend):
+    from kernels import registry
+
+    if registry._load(backend) is not None:   # numba missing: its backend reports why
+        pytest.skip(f"{backend} unavailable: {registry._load(backend)}")
+    missing = [op for op in registry.REQUIRED if not registry.has(op, backend)]
+    assert not missing, f"{backend} lacks {missing}"
+
+
+def test_registration_checks_the_contract():
+    """An unknown op name or a wrong parameter list fails when the backend registers, not
+    when a caller first looks the op up."""
+    from kernels import registry
+
+    with pytest.raises(ValueError, match="'conv_power_steps' is not an op of the kernel contract"):
+        registry.register("conv_power_steps", "numpy")
+    with pytest.raises(TypeError, match=r"dense_power_steps takes \(v, w, iters\); f takes 2"):
+        def f(v, w):
+            return v, None
+
+        registry.register("dense_power_steps", "numpy")(f)
 
 
 SCRIPT = r'''
