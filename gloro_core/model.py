@@ -328,12 +328,10 @@ class GloroNet:
         return out
 
     def save(self, path, extra=None):
-        """Write a gloro-npz/1 checkpoint atomically (see gloro_core.checkpoint).
-
-        extra: dict of JSON values and numpy arrays (e.g. optimizer state, epoch); it comes
-        back as ``net.extra`` after :func:`load`.
-        """
-        checkpoint.save_npz(path, self.meta(), self.state_arrays(), extra)
+        """Write a checkpoint atomically (gloro-safetensors/1 for a ``.safetensors`` path, else
+        gloro-npz/1; see gloro_core.checkpoint). extra: dict of JSON values and numpy arrays
+        (e.g. optimizer state, epoch); it comes back as ``net.extra`` after :func:`load`."""
+        checkpoint.save(path, self.meta(), self.state_arrays(), extra)
 
 
 def _meta_error(path, exc) -> ValueError:
@@ -358,18 +356,22 @@ def _saved_radii(meta, extra) -> tuple:
 
 
 def load(path) -> GloroNet:
-    """Read a gloro-npz/1 checkpoint into a GloroNet (``net.extra`` holds the saved extra)."""
-    meta, arrays, extra = checkpoint.load_npz(path)
-    # the file's arrays are the ground truth of size: the shapes the meta implies are checked
-    # against them before GloroNet allocates (input_shape [1, 1e5, 1e5] in the meta alone
-    # would allocate 1e10-element iterates and weights)
-    try:
-        layers = L.build(meta["layers"], check_input_shape(meta["input_shape"]),
-                         check_num_classes(meta["num_classes"]), L.activation(meta["activation"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _meta_error(path, exc) from None
-    for i, layer in enumerate(layers):
-        checkpoint.check_arrays(path, arrays, layer.array_shapes(i))
+    """A checkpoint of either format (told by content) as a GloroNet; ``net.extra``: the saved
+    extra; ``net.loaded_without_iterates``: True for a weights-only file (fresh iterates)."""
+    layers = []
+
+    def expect(meta):   # the meta's array shapes, checked against the file before reading
+        # the file is the ground truth of size: GloroNet allocates only after this check (the
+        # meta alone, input_shape [1, 1e5, 1e5], would allocate 1e10-element iterates)
+        try:
+            layers[:] = L.build(meta["layers"], check_input_shape(meta["input_shape"]),
+                                check_num_classes(meta["num_classes"]), L.activation(meta["activation"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _meta_error(path, exc) from None
+        return {k: v for i, layer in enumerate(layers) for k, v in layer.array_shapes(i).items()}
+
+    meta, arrays, extra = checkpoint.load(path, expect)
+    fresh = checkpoint.check_layer_arrays(path, arrays, layers)
     try:
         eps, eps_train = _saved_radii(meta, extra)
         net = GloroNet(meta["input_shape"], meta["num_classes"], meta["layers"],
@@ -380,6 +382,9 @@ def load(path) -> GloroNet:
                        _init_params=False)
     except (KeyError, TypeError, ValueError) as exc:
         raise _meta_error(path, exc) from None
+    if fresh:   # seeded by the meta; certification converges the power method from them
+        checkpoint.fresh_iterates(path, arrays, net.layers, net.seed, net.dtype)
+    net.loaded_without_iterates = fresh
     for i, layer in enumerate(net.layers):
         layer.load_arrays(i, arrays, net.dtype)
     # the saved Lipschitz numbers are kept for reference only: a certificate must not
