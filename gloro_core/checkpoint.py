@@ -31,6 +31,7 @@ moved over the target with ``os.replace``; a failed save leaves any old file unt
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -330,7 +331,7 @@ def read_safetensors_header(path):
                              f"but its offsets span {off[1] - off[0]} bytes")
         spans.append((off[0], off[1], name))
     spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
         if begin < end:
             raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the data")
     return header, metadata
@@ -373,7 +374,7 @@ def load_safetensors(path, expect=None):
     try:
         with st.safe_open(path, framework="np") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:   # the library's own checks (e.g. gaps in the data)
+    except (st.SafetensorError, OSError, ValueError, TypeError) as exc:   # the library's own checks (e.g. gaps)
         msg = " ".join(str(exc).split())
         raise ValueError(f"{path}: not a readable .safetensors checkpoint ({type(exc).__name__}: {msg})") from None
     extra = _join_extra(meta.get("extra") or {}, arrays, path)
