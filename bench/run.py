@@ -170,6 +170,7 @@ def main(argv=None) -> int:
         if b.torch is not None:
             b.torch.close()
     b.meta["wall_s"] = time.perf_counter() - t_start
+    b.meta["torch_imported_here"] = "torch" in sys.modules  # PyTorch belongs in its workers only
     _print(b)
     if a.json:
         with open(a.json, "w") as fh:

@@ -241,7 +241,8 @@ def serve() -> None:
                 raise ValueError(f"unknown command {cmd!r}")
             ans["ok"] = True
         except Exception as exc:
-            ans = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            ans = {"ok": False, "error": f"{type(exc).__name__}: {first_line}"}
         proto.write(json.dumps(ans) + "\n")
 
 

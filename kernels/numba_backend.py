@@ -298,8 +298,8 @@ def _minmax_grad_pairs(x, gy, gx):
 def _one_blas_thread(fn):
     """Run ``fn`` with OpenBLAS pinned to one thread: a multi-threaded np.dot leaves
     OpenBLAS's workers busy-waiting ~0.1 s afterwards, which halved the speed of whatever
-    ran next (the numpy backend's split convs, torch in bench/run.py); the Numba loops
-    here are the parallel part."""
+    ran next (the numpy backend's split convs, other processes); the Numba loops here are
+    the parallel part (policy: kernels/threads.py)."""
     @functools.wraps(fn)
     def pinned(*args):
         with _single_blas_thread():

@@ -107,8 +107,9 @@ def test_step_records_or_skip_note(tmp_path):
             assert r["step_gflop"] == pytest.approx(want / 1e9, rel=1e-12)
             assert r["gflops"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9)
             assert r["frac_floor"] == pytest.approx(r["gflops"] / data["meta"]["sgemm_gflops"], rel=1e-9)
-    # the bench puts no thread policy into the environment
+    # the bench puts no thread policy into the environment, and PyTorch ran in its workers only
     assert data["meta"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
+    assert data["meta"]["torch_imported_here"] is False
 
 
 def test_memory_and_scaling_records(tmp_path):
