@@ -9,7 +9,7 @@ import pytest
 from gloro_core import layers as L
 from gloro_core.model import GloroNet, load
 from nn.gradcheck import check_backward
-from nn.tensor import Parameter, Tensor
+from nn.tensor import Tensor
 
 
 def _explicit(layer, w):
