@@ -7,7 +7,8 @@ the engine's math so that the two sides do the same work:
   ``[{"type": "conv", "filters": 16, "kernel": 4, "stride": 2, "padding": "same"}, ...,
   {"type": "dense", "units": 10}]``; NCHW activations, OIHW conv weights, (out, in)
   dense weights; an activation (ReLU or MinMax) after every layer but the last;
-- SAME padding as TensorFlow: ``F.pad`` with the extra pixel at the bottom/right;
+- SAME padding as TensorFlow: ``F.pad`` with the extra pixel at the bottom/right, the pads
+  resolved by the engine's own layers (gloro_core.layers.build parses the specs);
 - the margin GloRo variant: K_sub = product of per-layer spectral norms (all layers but
   the last) from power iterations on persisted batch-1 iterates (no gradient through the
   iterations; sigma = ||A v|| differentiated with v fixed), K_ij = K_sub ||w_j - w_i||,
@@ -22,28 +23,6 @@ import torch
 import torch.nn.functional as F
 
 
-def same_pads(h: int, w: int, k: int, s: int) -> tuple[int, int, int, int]:
-    """TensorFlow SAME padding as (top, bottom, left, right); the extra pixel goes last."""
-
-    def one(n):
-        total = max((math.ceil(n / s) - 1) * s + k - n, 0)
-        return total // 2, total - total // 2
-
-    (t, b), (l, r) = one(h), one(w)
-    return t, b, l, r
-
-
-def _pads_for(spec: dict, h: int, w: int) -> tuple[int, int, int, int]:
-    k, s = int(spec["kernel"]), int(spec.get("stride", 1))
-    pad = spec.get("padding", "same")
-    if pad == "same":
-        return same_pads(h, w, k, s)
-    if pad == "valid":
-        return 0, 0, 0, 0
-    p = int(pad)
-    return p, p, p, p
-
-
 def minmax(x: torch.Tensor) -> torch.Tensor:
     """GroupSort-2 on dim 1: channel pairs (2k, 2k+1) -> (min, max)."""
     shp = x.shape
@@ -54,24 +33,25 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Conv:
-    """A conv layer with SAME/VALID padding done by F.pad: x (N,C,H,W) -> (N,O,OH,OW)."""
+    """A conv layer with its padding done by F.pad: x (N,C,H,W) -> (N,O,OH,OW).
 
-    def __init__(self, spec, in_shape, gen, dtype):
-        c, h, w = in_shape
-        o, k, s = int(spec["filters"]), int(spec["kernel"]), int(spec.get("stride", 1))
-        self.stride = s
-        self.pads = _pads_for(spec, h, w)
+    Shapes, stride and the resolved padding come from the engine's own layer (the spec is
+    parsed in one place, gloro_core.layers)."""
+
+    def __init__(self, layer, gen, dtype):
+        (c, h, w), (o, oh, ow) = layer.in_shape, layer.out_shape
+        _, _, kh, kw = layer.w_shape
+        sh, sw = self.stride = tuple(layer.stride)
+        self.pads = tuple(layer.pads)
         t, b, l, r = self.pads
-        oh = (h + t + b - k) // s + 1
-        ow = (w + l + r - k) // s + 1
         self.in_shape, self.out_shape = (c, h, w), (o, oh, ow)
-        fan_in, fan_out = c * k * k, o * k * k
+        fan_in, fan_out = c * kh * kw, o * kh * kw
         lim = math.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
-        self.weight = ((torch.rand(o, c, k, k, generator=gen, dtype=dtype) * 2 - 1) * lim).requires_grad_()
+        self.weight = ((torch.rand(o, c, kh, kw, generator=gen, dtype=dtype) * 2 - 1) * lim).requires_grad_()
         self.bias = torch.zeros(o, dtype=dtype, requires_grad=True)
         # the transposed conv gives (OH-1)*s + k rows; output-pad up to the padded input
         hp, wp = h + t + b, w + l + r
-        self.out_pad = (hp - ((oh - 1) * s + k), wp - ((ow - 1) * s + k))
+        self.out_pad = (hp - ((oh - 1) * sh + kh), wp - ((ow - 1) * sw + kw))
 
     def params(self):
         return [self.weight, self.bias]
@@ -93,9 +73,8 @@ class _Conv:
 class _Dense:
     """y = x W^T + b; x (N, I) -> (N, O)."""
 
-    def __init__(self, spec, in_shape, gen, dtype):
-        i = int(math.prod(in_shape))
-        o = int(spec["units"])
+    def __init__(self, layer, gen, dtype):
+        o, i = layer.w_shape
         lim = math.sqrt(6.0 / (i + o))
         self.in_shape, self.out_shape = (i,), (o,)
         self.weight = ((torch.rand(o, i, generator=gen, dtype=dtype) * 2 - 1) * lim).requires_grad_()
@@ -122,25 +101,22 @@ class TorchGloroNet:
 
     def __init__(self, input_shape, num_classes, layers, activation="relu", eps=0.3, seed=0,
                  dtype=torch.float32):
-        if not layers or layers[-1]["type"] != "dense":
-            raise ValueError("the last layer must be dense (the margin variant needs its weights)")
+        from gloro_core import layers as engine_layers
+
         gen = torch.Generator().manual_seed(seed)
         self.activation = activation
         self.eps = float(eps)
         self.num_classes = int(num_classes)
+        # the engine validates the specs and resolves shapes and padding (it raises on a bad
+        # spec, a last layer that is not dense, or a wrong class count)
+        resolved = engine_layers.build(layers, tuple(int(v) for v in input_shape), self.num_classes,
+                                       engine_layers.activation(activation))
+        mirrors = {"conv": _Conv, "dense": _Dense}
         self.layers = []
-        shape = tuple(int(v) for v in input_shape)
-        for spec in layers:
-            if spec["type"] == "conv":
-                layer = _Conv(spec, shape, gen, dtype)
-            elif spec["type"] == "dense":
-                layer = _Dense(spec, shape, gen, dtype)
-            else:
-                raise ValueError(f"unknown layer type {spec['type']!r}")
-            self.layers.append(layer)
-            shape = layer.out_shape
-        if shape != (self.num_classes,):
-            raise ValueError(f"the last layer has {shape} outputs, expected {self.num_classes}")
+        for layer in resolved:
+            if type(layer) not in (engine_layers.Conv, engine_layers.Dense):
+                raise ValueError(f"the PyTorch mirror has no {layer.kind!r} layer (conv and dense only)")
+            self.layers.append(mirrors[layer.kind](layer, gen, dtype))
         # persisted power-method iterates, batch 1, shaped like each layer's input
         self.iterates = []
         for layer in self.layers[:-1]:
