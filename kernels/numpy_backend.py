@@ -323,6 +323,9 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
         if min(tp) >= 0:
             wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
             return conv2d(gy, wt, None, (1, 1), tp)
+    if (tuple(stride) != (1, 1) and w.shape[1] >= S2D_MIN_CHANNELS
+            and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
+        return _grad_input_s2d(gy, w, x_shape, stride, pads)
     g = _Geom(x_shape, w.shape, stride, pads)
     n = int(x_shape[0])
     w2t = w.reshape(g.o, g.k).T
@@ -347,6 +350,51 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
 
     _run_groups(_groups(n, step), run)
     return gx
+
+
+def _grad_input_s2d(gy, w, x_shape, stride, pads):
+    """Stride-s grad_input through space-to-depth, for kernels that the stride divides.
+
+    The forward conv with stride (sh, sw) and kernel (kh, kw) equals a stride-1 valid conv
+    with kernel (kh/sh, kw/sw) on z = space_to_depth(padded x) (C*sh*sw channels, channel
+    (c, a, b) = padded pixels (sh*u + a, sw*v + b)) with w'[o, (c, a, b), i, j] =
+    w[o, c, sh*i + a, sw*j + b]. Its adjoint is then the stride-1 flipped-kernel conv of gy
+    (full padding): im2col + one GEMM with inner dimension O*kh*kw/(sh*sw), instead of
+    the GEMM with inner dimension O that writes C*kh*kw rows for col2im to add back.
+    The result is scattered phase by phase into gx (depth-to-space; padding cropped).
+    """
+    n, c, h, wd = (int(v) for v in x_shape)
+    o, _, kh, kw = (int(v) for v in w.shape)
+    sh, sw = stride
+    pt, _, pl, _ = pads
+    kh2, kw2 = kh // sh, kw // sw
+    wp = w.reshape(o, c, kh2, sh, kw2, sw).transpose(0, 1, 3, 5, 2, 4).reshape(o, c * sh * sw, kh2, kw2)
+    wt = np.ascontiguousarray(wp.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    gz = conv2d(gy, wt, None, (1, 1), (kh2 - 1, kh2 - 1, kw2 - 1, kw2 - 1))
+    hz, wz = int(gz.shape[2]), int(gz.shape[3])
+    g6 = gz.reshape(n, c, sh, sw, hz, wz)
+    spans_r = [_span(a, sh, pt, h, hz) for a in range(sh)]
+    spans_c = [_span(b, sw, pl, wd, wz) for b in range(sw)]
+    covered = sum(s[2] for s in spans_r) == h and sum(s[2] for s in spans_c) == wd
+    gx = (buffers.empty if covered else buffers.zeros)((n, c, h, wd), gy.dtype)
+
+    def run(part):  # depth-to-space, one strided copy per phase, samples split over threads
+        n0, n1 = part
+        for a, (i0, r0, ci) in enumerate(spans_r):
+            for b, (j0, c0, cj) in enumerate(spans_c):
+                if ci and cj:
+                    gx[n0:n1, :, r0:r0 + sh * (ci - 1) + 1:sh, c0:c0 + sw * (cj - 1) + 1:sw] = \
+                        g6[n0:n1, :, a, b, i0:i0 + ci, j0:j0 + cj]
+
+    t = max(1, min(threads.cpu_threads(), n))
+    threads.run_parts(run, [(n * j // t, n * (j + 1) // t) for j in range(t)])
+    del gz, g6
+    return gx
+
+
+# Stride-s grad_input (kernel divisible by the stride) runs through space-to-depth from this
+# many input channels up (see _grad_input_s2d); a huge value restores the GEMM + col2im path.
+S2D_MIN_CHANNELS = 2
 
 
 # Dense GEMMs of at least this many multiply-adds are split by rows over the Python threads
