@@ -175,17 +175,21 @@ def _bench_fused(cp, registry, avail, reps):
         a, b = x[:, 0::2], x[:, 1::2]
         return cp.stack([cp.minimum(a, b), cp.maximum(a, b)], axis=2).reshape(x.shape)
 
-    base, _ = _timer(cp, mm_expr, reps)
-    for op, call in (("minmax", lambda f: f(x)), ("minmax_grad", lambda f: f(x, gy))):
+    def time_backends(op, label, call, baseline, base_ms):
+        """One row per GPU backend: op's time through ``call(fn)``, or why it is unavailable."""
         for be in BACKENDS:
-            row = {"kind": "fused", "op": op, "layer": "2C2F.c1", "backend": be,
-                   "baseline": "cupy minimum/maximum (fwd)", "baseline_ms": base}
+            row = {"kind": "fused", "op": op, "layer": label, "backend": be,
+                   "baseline": baseline, "baseline_ms": base_ms}
             if avail[be] is None:
                 fn = registry.get(op, be)
                 row["ms"], _ = _timer(cp, lambda: call(fn), reps)
             else:
                 row["error"] = avail[be]
             rows.append(row)
+
+    base, _ = _timer(cp, mm_expr, reps)
+    for op, call in (("minmax", lambda f: f(x)), ("minmax_grad", lambda f: f(x, gy))):
+        time_backends(op, "2C2F.c1", call, "cupy minimum/maximum (fwd)", base)
 
     # power step on 2C2F conv 2 (iterate 1x16x14x14) and dense 1 (1568 -> 100)
     xs, w = (1, 16, 14, 14), rng.standard_normal((32, 16, 4, 4), dtype=cp.float32)
@@ -202,15 +206,7 @@ def _bench_fused(cp, registry, avail, reps):
     ]
     for op, label, call, unfused_call in cases:
         base, _ = _timer(cp, unfused_call, reps)
-        for be in BACKENDS:
-            row = {"kind": "fused", "op": op, "layer": label, "backend": be,
-                   "baseline": "kernels ops + cupy norms", "baseline_ms": base}
-            if avail[be] is None:
-                fn = registry.get(op, be)
-                row["ms"], _ = _timer(cp, lambda: call(fn), reps)
-            else:
-                row["error"] = avail[be]
-            rows.append(row)
+        time_backends(op, label, call, "kernels ops + cupy norms", base)
     return rows
 
 
