@@ -51,14 +51,14 @@ def _import_threadpoolctl():
 
     if "threadpoolctl" in sys.modules:  # imported by the application: its choice stands
         return sys.modules["threadpoolctl"]
-    before = dict(os.environ)
+    # threadpoolctl does os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "True") at import:
+    # undo exactly that one default (nothing else: another thread's own settings made
+    # meanwhile must stay), so the process environment ends as it was
+    had = "KMP_DUPLICATE_LIB_OK" in os.environ
     import threadpoolctl
 
-    for key in set(os.environ) - set(before):
-        del os.environ[key]
-    for key, value in before.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
+    if not had and os.environ.get("KMP_DUPLICATE_LIB_OK") == "True":
+        del os.environ["KMP_DUPLICATE_LIB_OK"]
     return threadpoolctl
 
 
