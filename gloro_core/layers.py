@@ -78,6 +78,14 @@ class Layer(Module):
             if key not in d:
                 raise ValueError(f"layer {i}: {cls.kind} spec needs {key!r}: {d!r}")
 
+    @classmethod
+    def made(cls, i, *args):
+        """cls(*args), a ValueError from the constructor naming layer i (a spec's error)."""
+        try:
+            return cls(*args)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+
     def init_parameters(self, index: int, init, rng, dtype):
         """Weight from ``init(shape, rng, dtype)`` (None: zeros, filled in by load) and a zero bias."""
         w = init(self.w_shape, rng, dtype=dtype) if init is not None else np.zeros(self.w_shape, dtype)
@@ -205,10 +213,7 @@ class Conv(Layer):
                 raise ValueError(f"layer {i}: 'padding' must be >= 0, got {padding}")
         if filters < 1 or kernel < 1 or stride < 1:
             raise ValueError(f"layer {i}: filters, kernel and stride must be >= 1, got {d!r}")
-        try:
-            return cls(in_shape, filters, kernel, stride, padding)
-        except ValueError as exc:  # e.g. a kernel larger than the padded input
-            raise ValueError(f"layer {i}: {exc}") from None
+        return cls.made(i, in_shape, filters, kernel, stride, padding)  # e.g. a kernel too large
 
     def forward(self, h, relu=False, bias=True):
         """(N, C, H, W) Tensor -> (N, *out_shape); relu=True fuses the ReLU into the node."""
@@ -397,10 +402,7 @@ class LiResNet(Conv):
         k = spec_int(d, i, "kernel")
         if k < 1 or k % 2 == 0:
             raise ValueError(f"layer {i}: liresnet needs an odd kernel >= 1 (its centre tap is the identity), got {k}")
-        try:
-            return cls(in_shape, k)
-        except ValueError as exc:
-            raise ValueError(f"layer {i}: {exc}") from None
+        return cls.made(i, in_shape, k)
 
     @property
     def fan_in(self) -> int:
@@ -533,10 +535,7 @@ class InvDown(FixedLayer):
     @classmethod
     def from_spec(cls, d, i, in_shape):
         shape = cls.image_shape(d, i, in_shape)
-        try:
-            return cls(shape)
-        except ValueError as exc:
-            raise ValueError(f"layer {i}: {exc}") from None
+        return cls.made(i, shape)
 
     @property
     def fan_in(self) -> int:
@@ -614,10 +613,7 @@ class AvgPool(FixedLayer):
     def from_spec(cls, d, i, in_shape):
         shape = cls.image_shape(d, i, in_shape)
         size = spec_int(d, i, "size")
-        try:
-            return cls(shape, size)
-        except ValueError as exc:
-            raise ValueError(f"layer {i}: {exc}") from None
+        return cls.made(i, shape, size)
 
     @property
     def fan_in(self) -> int:
