@@ -324,6 +324,7 @@ class Device:
 
 class Stream:
     null: Stream
+    ptr = 0   # the legacy default stream
 
     def synchronize(self):
         _sync("Stream.synchronize")
