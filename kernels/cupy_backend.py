@@ -48,9 +48,13 @@ else:
 CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 NVRTC_OPTIONS = ("-std=c++17",)
 
-# GEMM tiles (BM, BN): 256 threads each; tall outputs use 64x64, short ones
-# (few output channels) trade rows for columns so fewer lanes sit idle.
-TILES = ((64, 64), (32, 128), (16, 128))
+# GEMM tiles (BM, BN), 256 threads each: square for large outputs, and short, narrow and
+# small ones so that few output channels (M), few columns (a 10-unit dense layer, a 1-channel
+# conv's 4x4 weight gradient: N = 16) or both are not mostly padding. gemm_plan picks one.
+TILES = ((64, 64), (32, 128), (16, 128), (128, 16), (16, 16))
+# loads per multiply-add relative to compute in gemm_plan's cost model: a BM x BN tile
+# stages BM + BN elements per BM * BN multiply-adds of each K step
+TILE_LOAD_WEIGHT = 16
 GEMM_BK = 16
 GEMM_THREADS = 256
 RED_THREADS = 1024
@@ -283,6 +287,23 @@ def _contig(a):
     return cp.ascontiguousarray(a)
 
 
+def gemm_tile(M: int, N: int):
+    """((BM, BN), row blocks, column blocks) for an M x N output: the tile of TILES with the
+    least padded work, (M and N rounded up to the tile) x (1 + w (1/BM + 1/BN)), the second
+    factor being the tile's load overhead; ties go to the earlier (larger) tile."""
+    best = None
+    for bm, bn in TILES:
+        gm, gn = -(-M // bm), -(-N // bn)
+        if gm > 65535:
+            continue
+        cost = gm * bm * gn * bn * (1 + TILE_LOAD_WEIGHT * (1 / bm + 1 / bn))
+        if best is None or cost < best[0]:
+            best = (cost, (bm, bn), gm, gn)
+    if best is None:
+        raise ValueError(f"GEMM with {M} rows exceeds the grid's y limit")
+    return best[1:]
+
+
 def gemm_plan(M: int, N: int, K: int, sm_count: int):
     """Tile, grid and K chunk for an (M x N, depth K) GEMM.
 
@@ -290,15 +311,7 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int):
     output tiles alone would leave the GPU mostly idle and K is long enough that
     each slice still does >= 4 BK steps.
     """
-    if M <= 16:
-        bm, bn = 16, 128
-    elif M <= 32:
-        bm, bn = 32, 128
-    else:
-        bm, bn = 64, 64
-    gm, gn = -(-M // bm), -(-N // bn)
-    if gm > 65535:
-        raise ValueError(f"GEMM with {M} rows exceeds the grid's y limit")
+    (bm, bn), gm, gn = gemm_tile(M, N)
     blocks = gm * gn
     target = 2 * sm_count
     ksplit = 1
