@@ -1,21 +1,47 @@
-"""GloroNet on a CUDA device (CuPy): same logits, loss, gradients, K and certificates as
-on the CPU; the Adam step and PGD run there too. Skipped where there is no device."""
+"""GloroNet on a CUDA device (CuPy arrays), with each GPU backend (cupy, numba_cuda) as
+the default: same logits, loss, gradients, K and certificates as on the CPU; the Adam step
+and PGD run there too. Skipped where there is no device."""
 import numpy as np
 import pytest
 
 from gloro_core import attacks
 from gloro_core.model import GloroNet
+from kernels import registry
 
 pytestmark = pytest.mark.gpu
+GPU_BACKENDS = ["cupy", "numba_cuda"]
+
+
+@pytest.fixture
+def gpu_backend(request, cupy_device, monkeypatch):
+    """The backend under test as the default for CuPy arrays; every conv/dense op it runs
+    is checked to be that backend's (counted in the returned dict)."""
+    name = request.param
+    why = registry.availability()[name]
+    if why is not None:
+        pytest.skip(f"backend {name!r} unavailable: {why}")
+    calls = {}
+    real = registry.get
+
+    def get(op, backend):
+        calls[backend] = calls.get(backend, 0) + 1
+        return real(op, backend)
+
+    monkeypatch.setattr(registry, "get", get)
+    with registry.default_backend(name):
+        yield calls
+    gpu_used = {b for b in calls if registry.device_of(b) == "gpu"}
+    assert gpu_used == {name}, calls
 
 LAYERS = [{"type": "conv", "filters": 8, "kernel": 4, "stride": 2, "padding": "same"},
           {"type": "conv", "filters": 8, "kernel": 3, "stride": 1, "padding": "same"},
           {"type": "dense", "units": 16}, {"type": "dense", "units": 10}]
 
 
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("activation", ["relu", "minmax"])
 @pytest.mark.parametrize("variant", ["margin", "basic"])
-def test_gpu_matches_cpu(activation, variant, cupy_device):
+def test_gpu_matches_cpu(activation, variant, cupy_device, gpu_backend):
     cp = cupy_device
     rng = np.random.default_rng(0)
     cpu = GloroNet((1, 12, 12), 10, LAYERS, activation=activation, variant=variant, eps=0.2, seed=3)
@@ -42,7 +68,8 @@ def test_gpu_matches_cpu(activation, variant, cupy_device):
     assert np.mean(pc == pg) >= 0.95
 
 
-def test_gpu_training_step_attack_and_checkpoint(tmp_path, cupy_device):
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS, indirect=True)
+def test_gpu_training_step_attack_and_checkpoint(tmp_path, cupy_device, gpu_backend):
     cp = cupy_device
     from nn.optim import Adam
 
