@@ -29,11 +29,11 @@ def main(argv=None) -> int:
 
     import numba
     import numpy as np
+    from shapes import MODELS, synthetic
+    from workloads import Ours
 
     from gloro_core import distributed, parallel
     from kernels import threads
-    from shapes import MODELS, synthetic
-    from workloads import Ours
 
     threads.set_blas_threads(1)
     numba.set_num_threads(1)

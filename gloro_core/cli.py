@@ -2,7 +2,7 @@
 
 Under ``mpiexec -n K`` (``distributed.world()``) train is data-parallel, certify and attack
 split the test set by whole batches, and rank 0 alone prints; an error on any rank ends
-the whole job (``_fail``)."""
+the whole job (``distributed.fail``)."""
 from __future__ import annotations
 
 import argparse
@@ -462,30 +462,11 @@ def _comm():
     return world()
 
 
-def _fail(comm, exc, code: int) -> int:
-    """An error under K ranks: rank 0 says it; a rank whose error rank 0 does not share
-    (rank 0 is then waiting in a collective) says it after a pause and ends the job. Errors
-    decided on every rank at once (``all_ranks``) just return ``code`` everywhere."""
-    if comm.size == 1 or getattr(exc, "all_ranks", False):
-        if comm.rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return code
-    if comm.rank != 0:  # the same error on rank 0 ends the job first, printed once
-        time.sleep(2.0)
-    if code != 2:  # not a user error: where it came from
-        import traceback
-
-        traceback.print_exception(exc)
-    who = f" on rank {comm.rank} of {comm.size}" if comm.rank else ""
-    print(f"error{who}: {exc}" if code == 2 else f"error{who}: {type(exc).__name__}: {exc}",
-          file=sys.stderr, flush=True)
-    comm.abort(code)
-    return code
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from kernels.registry import default_backend
+
+    from .distributed import fail
 
     try:
         comm = _comm()
@@ -502,12 +483,14 @@ def main(argv=None) -> int:
     try:
         with default_backend(args.backend or None):   # not os.environ: other libraries read it
             return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail(comm, exc, 2)
     except Exception as exc:
-        if comm.size == 1:
+        user = isinstance(exc, (ValueError, FileNotFoundError))
+        if comm.size == 1 and not user:
             raise
-        return _fail(comm, exc, 1)
+        fail(comm, exc)  # K ranks: ends the job, unless every rank raised it alike
+        if comm.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class MPIComm:
         node.Free()
 
     @classmethod
-    def from_world(cls, announced: int) -> "MPIComm":
+    def from_world(cls, announced: int) -> MPIComm:
         try:
             from mpi4py import MPI
         except ImportError:
@@ -131,6 +131,7 @@ class MPIComm:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(int(code))
+        os._exit(int(code))  # MPICH's Abort may return before the launcher's kill arrives
 
 
 class NCCLComm:
@@ -183,16 +184,46 @@ class NCCLComm:
         self.host.abort(code)
 
 
+def fail(comm, exc: BaseException) -> None:
+    """End the whole job over ``exc`` unless every rank raises it alike (``all_ranks``) or
+    there is one rank; then return and let the caller raise it.
+
+    A rank that leaves with an exception while the others wait in a collective would leave
+    them waiting forever. Rank 0 prints the error and aborts at once; another rank waits two
+    seconds first (when rank 0 has the same error, its abort ends this rank before it
+    prints, and the error is printed once), then prints it as ``error on rank r of K``.
+    The exit status is 2 for bad input (ValueError, FileNotFoundError), else 1."""
+    if comm.size == 1 or getattr(exc, "all_ranks", False):
+        return
+    import time
+    import traceback
+
+    user = isinstance(exc, (ValueError, FileNotFoundError))
+    if comm.rank != 0:
+        time.sleep(2.0)
+    if not user:
+        traceback.print_exception(exc)
+    who = f" on rank {comm.rank} of {comm.size}" if comm.rank else ""
+    print(f"error{who}: {exc}" if user else f"error{who}: {type(exc).__name__}: {exc}",
+          file=sys.stderr, flush=True)
+    comm.abort(2 if user else 1)
+
+
 def device_comm(comm, device: str):
     """The communicator for arrays on ``device``: NCCL for "gpu" when there is more than
-    one rank and CuPy has NCCL, else ``comm`` (which stages CuPy arrays through the host)."""
+    one rank, CuPy has NCCL and every rank of a host has a GPU of its own (NCCL refuses two
+    ranks on one device), else ``comm`` (which stages CuPy arrays through the host). Every
+    rank decides alike (an all-gather), since building NCCL's communicator is collective."""
     if device != "gpu" or comm.size == 1:
         return comm
     try:
+        import cupy
         from cupy.cuda import nccl
-    except ImportError:
-        return comm
-    return NCCLComm(comm) if nccl.available else comm
+
+        ok = nccl.available and comm.local_size <= cupy.cuda.runtime.getDeviceCount()
+    except (ImportError, RuntimeError):  # no CuPy, no driver (CUDARuntimeError): the host
+        ok = False
+    return NCCLComm(comm) if all(comm.allgather(bool(ok))) else comm
 
 
 def use_local_gpu(comm) -> int:

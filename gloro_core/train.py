@@ -48,6 +48,8 @@ METRIC_FIELDS = ["epoch", "phase", "loss", "clean_acc", "vra", "rejection",
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
+    all_ranks = True  # decided on the all-reduced loss: every rank raises it at one step
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -379,15 +381,22 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None,
         except ImportError:
             raise ValueError('--plot needs matplotlib: pip install -e ".[plot]"') from None
     comm = distributed.world() if comm is None else comm
-    if comm.rank != 0:  # the other ranks read the run directory, never write or log
-        return _train_locked(cfg, plan, None, resume, lambda s: None, dataset, comm)
-    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
-        if run.removed_orphans:
-            log(f"removed temporary files of interrupted writes from {cfg.out}: "
-                + ", ".join(run.removed_orphans))
-        if comm.size > 1:
-            log(f"data-parallel: {comm.size} ranks ({comm.kind}), global batch {cfg.batch}")
-        return _train_locked(cfg, plan, run, resume, log, dataset, comm)
+    try:
+        if comm.rank != 0:  # the other ranks read the run directory, never write or log
+            history = _train_locked(cfg, plan, None, resume, lambda s: None, dataset, comm)
+        else:
+            with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+                if run.removed_orphans:
+                    log(f"removed temporary files of interrupted writes from {cfg.out}: "
+                        + ", ".join(run.removed_orphans))
+                if comm.size > 1:
+                    log(f"data-parallel: {comm.size} ranks ({comm.kind}), global batch {cfg.batch}")
+                history = _train_locked(cfg, plan, run, resume, log, dataset, comm)
+        comm.barrier()  # every rank returns once rank 0 has written and unlocked the run
+        return history
+    except Exception as exc:
+        distributed.fail(comm, exc)  # K ranks: an error on one rank ends them all
+        raise
 
 
 def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:

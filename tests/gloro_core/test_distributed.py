@@ -7,6 +7,7 @@ comparison runs one BLAS/Numba thread (the engine's float32 results depend on th
 count, with or without MPI), so certify and attack must match one process exactly and
 training within float32 reduction-order rounding (TOL below).
 """
+import itertools
 import json
 import os
 import shutil
@@ -97,13 +98,13 @@ def test_spans_cover_in_order():
         for k in (1, 2, 3, 5):
             parts = [parallel.span(n, k, r) for r in range(k)]
             assert parts[0][0] == 0 and parts[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
             assert max(h - lo for lo, h in parts) - min(h - lo for lo, h in parts) <= 1
             for batch in (1, 3, 64):
                 spans = [parallel.batch_span(n, batch, types.SimpleNamespace(size=k, rank=r))
                          for r in range(k)]
                 assert spans[0][0] == 0 and spans[-1][1] == n
-                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
                 assert all(lo % batch == 0 for lo, _ in spans)  # whole batches only
 
 
@@ -154,6 +155,24 @@ def test_launch_without_mpi4py_says_what_to_install(tmp_path):
     assert p.returncode == 2, p.stderr
     assert 'mpi4py is not installed here: pip install -e ".[mpi]"' in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_readme_launch_commands_parse():
+    """README's data-parallel section names the extra and launch commands that the CLI takes."""
+    import shlex
+
+    from gloro_core.cli import build_parser
+
+    text = (REPO / "README.md").read_text()
+    assert 'pip install -e ".[mpi]"' in text and '"mpi4py' in (REPO / "pyproject.toml").read_text()
+    lines = [ln.split("#")[0].strip() for ln in text.splitlines() if ln.startswith("mpiexec -n ")]
+    seen = set()
+    for ln in lines:
+        words = [w for w in shlex.split(ln) if w != "..."]
+        assert words[3:6] == ["python", "-m", "gloro_core"], ln
+        build_parser().parse_args(words[6:])  # exits (SystemExit) on a flag the CLI lacks
+        seen.add(words[6])
+    assert seen == {"train", "certify", "attack"}
 
 
 # ---------------------------------------------------------------- mpiexec -n 2
@@ -233,6 +252,38 @@ except parallel.RanksDiverged as exc:
 
 
 @needs_mpi
+def test_a_nan_on_one_rank_stops_every_rank_alike(tmp_path):
+    """Only rank 1's part overflows: the all-reduced loss is NaN on both ranks, so both
+    raise TrainingDiverged at the same step and the job ends cleanly, with the last
+    checkpoint as it was."""
+    code = f"""
+import numpy as np
+from gloro_core import data, distributed
+from gloro_core.train import TrainConfig, TrainingDiverged, train
+tiny = dict(dataset="synthetic", synthetic_shape=(1, 10, 10), synthetic_n=(96, 48),
+            arch="c(4,3,2),d(16)", batch=32, power_iters=2, progress=False)
+out = {str(tmp_path / "run")!r}
+train(TrainConfig(out=out, epochs=2, stop_after=1, **tiny), log=lambda s: None)
+before = open(out + "/last.npz", "rb").read()
+ds = data.load_dataset("synthetic", seed=0, synthetic_shape=(1, 10, 10), synthetic_n=(96, 48))
+idx = next(data.batches(96, 32, data.epoch_rng(0, 1, 0)))  # epoch 2's first global batch
+ds.x_train[idx[16:]] = 3e38  # rank 1's part of it overflows to inf / NaN; rank 0's does not
+comm = distributed.world()
+try:
+    with np.errstate(over="ignore", invalid="ignore"):
+        train(TrainConfig(out=out, epochs=2, **tiny), resume=True, log=lambda s: None, dataset=ds)
+except TrainingDiverged as exc:
+    print(f"rank {{comm.rank}}: {{str(exc)[:30]}}", flush=True)
+assert open(out + "/last.npz", "rb").read() == before
+"""
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(p.stdout.split("\n")[:2]) == ["rank 0: loss is inf at epoch 2, step 1",
+                                                  "rank 1: loss is inf at epoch 2, step 1"], p.stdout
+
+
+@needs_mpi
 def test_an_error_on_rank_0_ends_the_job_once(tmp_path):
     """A run directory that rank 0 refuses: the whole job stops with rank 0's message."""
     out = tmp_path / "busy"
@@ -244,6 +295,29 @@ def test_an_error_on_rank_0_ends_the_job_once(tmp_path):
     assert time.monotonic() - t0 < 100
     assert p.stderr.count(f"error: --out {out} is not empty") == 1, p.stderr
     assert sorted(n.name for n in out.iterdir()) == ["notes.txt"]  # refused before locking
+
+
+@needs_mpi
+def test_an_error_on_rank_1_alone_ends_the_job(tmp_path):
+    """Rank 1 alone fails (its dataset cannot be read) while rank 0 waits in a collective:
+    rank 1 names itself, and the job ends instead of hanging."""
+    code = f"""
+from gloro_core import distributed
+from gloro_core.train import TrainConfig, train
+comm = distributed.world()
+tiny = dict(dataset="synthetic" if comm.rank == 0 else "mnist", synthetic_shape=(1, 10, 10),
+            synthetic_n=(96, 48), arch="c(4,3,2),d(16)", batch=32, power_iters=2,
+            progress=False, data_dir={str(tmp_path / "nothing-here")!r})
+train(TrainConfig(out={str(tmp_path / "run")!r}, epochs=1, **tiny), log=lambda s: None)
+print("finished")
+"""
+    t0 = time.monotonic()
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "finished" not in p.stdout
+    assert p.stderr.count("error on rank 1 of 2: ") == 1, p.stderr
+    assert time.monotonic() - t0 < 100
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:
@@ -298,7 +372,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path, runs):
     assert "Killed (signal 9)" in stdout + stderr
     from gloro_core.train import load_checkpoint
 
-    net, extra = load_checkpoint(str(out / "last.npz"))
+    _, extra = load_checkpoint(str(out / "last.npz"))  # loads: not torn
     assert extra["train_state"]["epoch"] in (0, 1)  # epoch 1, or 2 if it ended first
     p = _run(args + ["--resume"])
     assert "resumed from" in p.stdout
