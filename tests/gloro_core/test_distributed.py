@@ -208,6 +208,18 @@ def test_train_two_ranks_equals_one_process(runs):
 
 
 @needs_mpi
+def test_resume_under_two_ranks_of_a_one_process_checkpoint(runs, tmp_path):
+    """Epoch 1 by one process, epoch 2 by mpiexec -n 2 --resume: one process's 2 epochs."""
+    one, _, _ = runs
+    out = tmp_path / "mixed"
+    _run(TRAIN + ["--epochs", "2", "--stop-after", "1", "--out", str(out)])
+    p = _run(TRAIN + ["--epochs", "2", "--out", str(out), "--resume"], ranks=2)
+    assert "resumed from" in p.stdout and "data-parallel: 2 ranks" in p.stdout
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2]
+    _close(_arrays(one / "last.npz"), _arrays(out / "last.npz"))
+
+
+@needs_mpi
 def test_certify_and_attack_two_ranks_equal_one_process(runs):
     one, _, _ = runs
     for args in (["certify", str(one), "--json", "--batch", "32", "--limit", "90"],
