@@ -82,9 +82,11 @@ def check_batch(x, input_shape, dtype, xp, name="x"):
                         f"convert integer images first, e.g. {name} / 255.0")
     if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"{name} must have shape (n, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
-    x = xp.asarray(x)
-    if not bool(xp.all(xp.isfinite(x))):
+    # a host array is checked before it is copied: on a GPU the check then costs no host sync
+    finite = bool(xp.all(xp.isfinite(x))) if is_gpu_array(x) else bool(np.isfinite(x).all())
+    if not finite:
         raise ValueError(f"{name} contains NaN or inf")
+    x = xp.asarray(x)
     return xp.ascontiguousarray(x, dtype=dtype), x
 
 

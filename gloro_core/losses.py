@@ -103,7 +103,11 @@ def _margin_bot_fused(y: Tensor, w: Tensor, k_sub, eps: float, j) -> Tensor:
         gk = (g * e * dist[jj, istar]).sum().reshape(k.shape) if k.requires_grad else None
         gw = None
         if w.requires_grad:
-            c = xp.bincount(jj * m + istar, weights=g * e * k.data, minlength=m * m).reshape(m, m).astype(dt)
+            # C = onehot(j)^T diag(c) onehot(i*): a product, not bincount, which reads the
+            # largest index back to the host on a GPU
+            classes = xp.arange(m)
+            cn = (g * e * k.data).astype(np.float64)
+            c = (((jj[:, None] == classes) * cn[:, None]).T @ (istar[:, None] == classes)).astype(dt)
             safe = xp.where(dist > 0, dist, xp.ones((), dtype=dt))
             u = xp.where((dist > 0)[..., None], diff / safe[..., None], xp.zeros((), dtype=dt))
             u[xp.arange(m), xp.arange(m)] = 0
@@ -118,12 +122,13 @@ def bot_logit(y: Tensor, w_last: Tensor, k_sub, eps: float, variant: str = "marg
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n, m = y.shape
+    if variant == "margin" and m * m * w_last.shape[1] <= _FUSED_PAIRS_MAX:
+        # the predicted classes stay on y's device: no host sync on a GPU
+        return _margin_bot_fused(y, w_last, k_sub, eps, y.data.argmax(axis=1))
     j = predicted_class(y)
     is_j = np.zeros((n, m), dtype=bool)
     is_j[np.arange(n), j] = True
     if variant == "margin":
-        if m * m * w_last.shape[1] <= _FUSED_PAIRS_MAX:
-            return _margin_bot_fused(y, w_last, k_sub, eps, j)
         kij = pair_norms(w_last, j) * k_sub                                   # (n, m)
     else:
         ki = F.l2_norm(w_last, axis=1) * k_sub                                 # (m,)

@@ -92,9 +92,11 @@ def local_batch(comm, x, y, idx, aug_rng=None):
     return xb, y[idx[lo:hi]], weight
 
 
-def reduce_gradients(comm, params, loss: float, weight: float) -> float:
+def reduce_gradients(comm, params, loss, weight: float):
     """Sum ``weight`` x (gradient, loss) over the ranks in one flat buffer; the summed
-    gradients replace each ``p.grad``. -> the global loss. One process: nothing to do.
+    gradients replace each ``p.grad``. ``loss`` is this rank's 0-d loss array; -> the
+    global mean loss, a 0-d array on the gradients' device (read without a host sync).
+    One process: ``loss`` as it is, nothing summed.
 
     The buffer has the gradients' dtype and device (CuPy on NCCL); its size is the
     parameters' bytes plus one element. Parameters without a gradient stay without one
@@ -112,13 +114,13 @@ def reduce_gradients(comm, params, loss: float, weight: float) -> float:
     for p in have:
         xp.multiply(p.grad.ravel(), dtype.type(weight), out=buf[off:off + p.grad.size])
         off += p.grad.size
-    buf[off] = loss * weight
+    xp.multiply(xp.asarray(loss, dtype=dtype).reshape(1), dtype.type(weight), out=buf[off:])
     comm.allreduce(buf)
     off = 0
     for p in have:
         p.grad = buf[off:off + p.grad.size].reshape(p.grad.shape)
         off += p.grad.size
-    return float(to_host(buf[off:off + 1])[0])
+    return buf[off:].reshape(()).copy()  # not a view: the buffer goes with the step
 
 
 def state_digest(net, opt) -> str:

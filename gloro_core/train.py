@@ -45,6 +45,11 @@ METRIC_FIELDS = ["epoch", "phase", "loss", "clean_acc", "vra", "rejection",
                  "eval_s", "peak_mem_mb"]
 
 
+# steps per loss read-back on a GPU (one host sync): a NaN loss is seen at most this many
+# steps late, and the epoch's checkpoints are written only after the last read
+GPU_LOSS_READ_EVERY = 20
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -129,6 +134,16 @@ def _np(a) -> np.ndarray:
     from kernels.registry import to_host
 
     return to_host(getattr(a, "data", a))
+
+
+def _read_losses(window):
+    """[(loss value, batch size, step)] for a window of (0-d loss array, size, step): one
+    copy to the host for the whole window."""
+    from kernels.registry import array_module, to_host
+
+    losses = window[0][0] if len(window) == 1 else array_module(window[0][0]).stack([w[0] for w in window])
+    vals = to_host(losses).reshape(-1).tolist()
+    return [(float(v), size, at) for v, (_, size, at) in zip(vals, window)]
 
 
 def peak_rss_mb() -> float:
@@ -457,6 +472,8 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
 
     n = len(ds.x_train)
     steps = math.ceil(n / cfg.batch)
+    # a GPU step must not wait for the host: its losses are read back a window at a time
+    read_every = 1 if net.device == "cpu" else GPU_LOSS_READ_EVERY
     use_aug = cfg.augment_on()
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(start_epoch, stop_at):
@@ -465,6 +482,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         aug_rng = data_mod.epoch_rng(cfg.seed, epoch, 1)
         loss_sum = 0.0
         seen = 0
+        window = []   # (loss, batch size, step) not read back yet
         bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and lead)
         vals = plan.at(epoch)
         for step, idx in enumerate(data_mod.batches(n, cfg.batch, shuffle_rng)):
@@ -479,23 +497,27 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
             else:
                 loss = net.loss(xb, yb, loss=cfg.loss, eps=vals["eps"], lam=vals["lam"],
                                 power_iters=cfg.power_iters)
-            lv = float(_np(loss))
             loss.backward()
             # K ranks: one all-reduce turns the parts' gradients and losses into the global
-            # batch's means, on every rank (so every rank decides alike below)
-            lv = parallel.reduce_gradients(gcomm, net.parameters(), lv, weight)
-            if not math.isfinite(lv):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {lv} at epoch {epoch + 1}, step {step + 1}/{steps} "
-                    f"(eps {vals['eps']:.4g}, lr {vals['lr']:.3g}); stopped. The last good "
-                    f"checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
-                    "try a lower --lr or a gentler --eps-schedule")
+            # batch's means on every rank (so every rank decides alike below); one process:
+            # the loss as it is. A 0-d array: no host sync on a GPU
+            gloss = parallel.reduce_gradients(gcomm, net.parameters(), loss.data, weight)
+            window.append((gloss, len(idx), step))
+            if len(window) >= read_every or step == steps - 1:
+                for lv, size, at in _read_losses(window):
+                    if not math.isfinite(lv):
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"loss is {lv} at epoch {epoch + 1}, step {at + 1}/{steps} "
+                            f"(eps {vals['eps']:.4g}, lr {vals['lr']:.3g}); stopped. The last good "
+                            f"checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
+                            "try a lower --lr or a gentler --eps-schedule")
+                    loss_sum += lv * size
+                    seen += size
+                bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
+                window.clear()
             opt.step()
-            loss_sum += lv * len(idx)
-            seen += len(idx)
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
         bar.close()
         train_s = time.perf_counter() - t0
 

@@ -376,8 +376,10 @@ class _CupyAlloc:
 
         self.cp = cupy
 
+    # sync=False: the kernels run on CuPy's current stream (stream()), so the work that
+    # wrote an input is ordered before them without a host-side stream sync per import
     def flat(self, a):
-        return cuda.as_cuda_array(self.cp.ascontiguousarray(a).ravel())
+        return cuda.as_cuda_array(self.cp.ascontiguousarray(a).ravel(), sync=False)
 
     def empty(self, shape, dtype):
         return self.cp.empty(shape, dtype=dtype)
@@ -386,7 +388,12 @@ class _CupyAlloc:
         return self.cp.zeros(shape, dtype=dtype)
 
     def flat_out(self, out):
-        return cuda.as_cuda_array(out.ravel())
+        return cuda.as_cuda_array(out.ravel(), sync=False)
+
+    def stream(self):
+        """CuPy's current stream for a numba launch (0: the legacy default stream)."""
+        ptr = self.cp.cuda.get_current_stream().ptr
+        return cuda.external_stream(ptr) if ptr else 0
 
     def reshape(self, a, shape):
         return a.reshape(shape)
@@ -410,6 +417,9 @@ class _HostAlloc:
 
     def flat_out(self, out):
         return out.reshape(-1)
+
+    def stream(self):
+        return 0
 
     def reshape(self, a, shape):
         return a.reshape(shape)
@@ -447,7 +457,7 @@ def _gemm(al, name, dtype, M, N, K, out_shape, a, b, bias, p):
         return al.zeros(out_shape, dtype)
     grid, kchunk = gemm_plan(M, N, K, _sm_count())
     out = (al.zeros if grid[2] > 1 else al.empty)(out_shape, dtype)
-    _kernel(name, dtype)[grid, (TILE, TILE)](a, b, bias, al.flat_out(out), M, N, K, kchunk, p)
+    _kernel(name, dtype)[grid, (TILE, TILE), al.stream()](a, b, bias, al.flat_out(out), M, N, K, kchunk, p)
     return out
 
 
@@ -544,7 +554,7 @@ def _minmax(al, x):
     y = al.empty(x.shape, x.dtype)
     npairs, inner = _pairs(x)
     if npairs:
-        _kernel("minmax_fwd", x.dtype)[_ew_grid(npairs), EW_THREADS](al.flat(x), al.flat_out(y), npairs, inner)
+        _kernel("minmax_fwd", x.dtype)[_ew_grid(npairs), EW_THREADS, al.stream()](al.flat(x), al.flat_out(y), npairs, inner)
     return y
 
 
@@ -553,7 +563,7 @@ def _minmax_grad(al, x, gy):
     gx = al.empty(x.shape, x.dtype)
     npairs, inner = _pairs(x)
     if npairs:
-        _kernel("minmax_bwd", x.dtype)[_ew_grid(npairs), EW_THREADS](
+        _kernel("minmax_bwd", x.dtype)[_ew_grid(npairs), EW_THREADS, al.stream()](
             al.flat(x), al.flat(gy), al.flat_out(gx), npairs, inner
         )
     return gx
@@ -565,7 +575,7 @@ def _adam(al, p, g, m, v, lr_t, beta1, beta2, epsilon):
     if n == 0:
         return
     st = np.dtype(p.dtype).type
-    _kernel("adam_step", p.dtype)[_ew_grid(n), EW_THREADS](
+    _kernel("adam_step", p.dtype)[_ew_grid(n), EW_THREADS, al.stream()](
         al.flat_out(p), al.flat(g), al.flat_out(m), al.flat_out(v), st(lr_t), st(beta1), st(beta2), st(epsilon), n
     )
 
@@ -573,7 +583,7 @@ def _adam(al, p, g, m, v, lr_t, beta1, beta2, epsilon):
 def _l2(al, a, scale):
     """||a|| as a (1,) array; with ``scale`` also a /= ||a|| in place."""
     nrm = al.empty((1,), a.dtype)
-    _kernel("l2_normalize", a.dtype)[1, RED_THREADS](al.flat_out(a), al.flat_out(nrm), int(a.size), int(bool(scale)))
+    _kernel("l2_normalize", a.dtype)[1, RED_THREADS, al.stream()](al.flat_out(a), al.flat_out(nrm), int(a.size), int(bool(scale)))
     return nrm
 
 
@@ -606,7 +616,7 @@ def _power_steps(al, v, iters, apply, adjoint):
         nu = _l2(al, u, True)
         z = adjoint(u)
         nz = _l2(al, z, True)
-        _kernel("keep_if_zero", z.dtype)[_ew_grid(n), EW_THREADS](al.flat_out(z), al.flat(v), al.flat_out(nu),
+        _kernel("keep_if_zero", z.dtype)[_ew_grid(n), EW_THREADS, al.stream()](al.flat_out(z), al.flat(v), al.flat_out(nu),
                                                                  al.flat_out(nz), n)
         v = z
     return v

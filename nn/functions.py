@@ -381,15 +381,18 @@ def take_along_axis(x, indices, axis=-1) -> Tensor:
     """Like ``numpy.take_along_axis``: e.g. x (N, m), indices (N, 1) int -> x[n, indices[n, 0]]."""
     x = as_tensor(x)
     xp = array_module(x.data)
-    idx = indices.data if isinstance(indices, Tensor) else xp.asarray(indices)
+    idx = indices.data if isinstance(indices, Tensor) else indices
+    idx = idx if is_gpu_array(idx) else np.asarray(idx)
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
     if idx.ndim != x.ndim:
         raise ValueError(f"indices must have x's ndim {x.ndim} (shape {x.shape}), got shape {tuple(idx.shape)}")
     axis = _norm_axes(axis, x.ndim)[0]
     n = x.shape[axis]
+    # checked where the indices live: host indices for device data cost an upload, no sync
     if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
         raise IndexError(f"index out of range for axis {axis} of size {n}")
+    idx = xp.asarray(idx)
     out = xp.take_along_axis(x.data, idx, axis=axis)
 
     def backward(g):  # scatter-add along ``axis``: open index grids on the other axes
@@ -412,8 +415,8 @@ def take_along_axis(x, indices, axis=-1) -> Tensor:
 def gather(x, labels) -> Tensor:
     """Per-row pick: x (N, m), labels (N,) int -> (N,) with x[n, labels[n]]."""
     x = as_tensor(x)
-    xp = array_module(x.data)
-    lab = labels.data if isinstance(labels, Tensor) else xp.asarray(labels)
+    lab = labels.data if isinstance(labels, Tensor) else labels
+    lab = lab if is_gpu_array(lab) else np.asarray(lab)   # host labels stay on the host until indexed
     if x.ndim != 2 or lab.shape != (x.shape[0],):
         raise ValueError(f"gather needs x (N, m) and labels (N,), got {x.shape} and {tuple(lab.shape)}")
     return reshape(take_along_axis(x, lab.reshape(-1, 1), axis=1), (x.shape[0],))

@@ -6,7 +6,9 @@ and in gradient.
 """
 from __future__ import annotations
 
-from kernels.registry import array_module
+import numpy as np
+
+from kernels.registry import array_module, is_gpu_array
 
 from . import functions as F
 from .tensor import Tensor
@@ -43,7 +45,10 @@ def softmax_cross_entropy(logits, target) -> Tensor:
     logp = F.log_softmax(logits, axis=1)
     tdata = target.data if isinstance(target, Tensor) else target
     xp = array_module(logits.data)
-    tdata = xp.asarray(tdata)
+    # integer labels on the host are checked there and uploaded by gather (no device sync)
+    tdata = tdata if is_gpu_array(tdata) else np.asarray(tdata)
+    if tdata.dtype.kind not in "iu":
+        tdata = xp.asarray(tdata)
     if tdata.dtype.kind in "iu":
         if tdata.shape != (n,):
             raise ValueError(f"integer labels must have shape ({n},), got {tuple(tdata.shape)}")

@@ -34,3 +34,27 @@ def cupy_device():
         return cupy
     except Exception as exc:  # no driver, no device, no cupy
         pytest.skip(f"needs a CUDA device with the cupy backend: {type(exc).__name__}: {exc}")
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator_build(tmp_path_factory):
+    """The CUDA C emulator (tests/cuda_emulator.py), built once per session; a skip without g++."""
+    import cuda_emulator
+
+    if cuda_emulator.GXX is None:
+        pytest.skip("g++ not installed: the CUDA C emulator cannot be built")
+    return cuda_emulator.build(tmp_path_factory.mktemp("cuda_emu"))
+
+
+@pytest.fixture
+def fake_gpu(cuda_emulator_build):
+    """The CuPy stand-in (tests/fake_cupy.py) installed as ``cupy``, its RawModule kernels on
+    the CUDA C emulator; yields the stand-in module, with fresh host-sync counts."""
+    import cuda_emulator
+    import fake_cupy
+
+    emu = cuda_emulator.Emulator(cuda_emulator_build)
+    with fake_cupy.install(emu) as cp:
+        fake_cupy.reset_counts()
+        cp.emulator = emu
+        yield cp

@@ -147,3 +147,25 @@ def test_gpu_check_without_gpu_writes_summary_and_fails(tmp_path):
     assert len(san) == 1 and ("compute-sanitizer not found" in san[0] or "SKIPPED" not in san[0])
     text = CHECK.read_text()
     assert "pip install" not in text and ".venv/" not in text and "PYTHONPATH=" in text
+
+
+@pytest.mark.gpu_emulated
+def test_bench_gpu_epoch_on_the_cupy_stand_in(gpu_bench, fake_gpu, tmp_path):
+    """The bench's GPU epoch for real on the CuPy stand-in (kernels on the CUDA C emulator):
+    the engine trains with device="gpu", every GEMM and the power steps on the cupy backend,
+    and at most one host sync per step, counted by the bench's own SyncCounter."""
+    import dataclasses
+
+    import gloro_core.train as tr
+
+    def train_fn(cfg, log=print):   # a short convergence at the epoch's end: the emulator is slow
+        return tr.train(dataclasses.replace(cfg, lipschitz_max_iter=10), log=log)
+
+    args = types.SimpleNamespace(arch="c(4,3,2),d(8)", n=12, n_test=4, batch=4, power_iters=2,
+                                 backend="cupy", out=str(tmp_path / "run"))
+    res = gpu_bench.bench_train(args, train_fn=train_fn)
+    assert res["rc"] == 0, res
+    assert res["steps"] == 3 and res["host_syncs"] <= 1, res   # one loss window read back
+    assert res["op_calls"].get("conv2d_power_steps:cupy") == 3, res["op_calls"]
+    assert res["op_calls"].get("dense_power_steps:cupy") == 6, res["op_calls"]
+    assert "epoch_s" in res and np.isfinite(res["loss"])
