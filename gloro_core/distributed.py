@@ -108,12 +108,12 @@ class MPIComm:
         return comm
 
     def allreduce(self, buf):
-        from kernels.registry import is_gpu_array, to_host
+        from kernels.registry import array_module, is_gpu_array, to_host
 
         if is_gpu_array(buf):  # no NCCL: through the host
             host = to_host(buf)
             self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
-            buf.set(host)
+            buf[...] = array_module(buf).asarray(host)
             return buf
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf

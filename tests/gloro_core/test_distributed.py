@@ -397,6 +397,42 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     _close(_arrays(full / "last.npz"), _arrays(out / "last.npz"))
 
 
+@needs_mpi
+@pytest.mark.gpu_emulated
+def test_gpu_training_two_ranks_equals_one_on_the_emulated_gpu(cuda_emulator_build, tmp_path):
+    """--device gpu under mpiexec -n 2 on the CuPy stand-in (tests/fake_cupy.py, its kernels
+    on the CUDA C emulator): each rank picks its GPU, the CuPy gradients go through the host
+    (the stand-in has no NCCL), the losses stay 0-d device arrays, and the step (the
+    emulator is slow: one, parts of 2 points) ends where one process's GPU run does."""
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO / "tests")!r})
+import cuda_emulator, fake_cupy
+with fake_cupy.install(cuda_emulator.Emulator(Path({str(cuda_emulator_build)!r}))):
+    from gloro_core import distributed
+    from gloro_core.train import TrainConfig, train
+    cfg = TrainConfig(dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_n=(4, 4),
+                      arch="c(4,3,2),d(8)", batch=4, epochs=1, power_iters=1,
+                      lipschitz_max_iter=5, out=sys.argv[1], progress=False, device="gpu")
+    hist = train(cfg, log=lambda m: None)
+    comm = distributed.world()
+    if comm.rank == 0:
+        print(json.dumps({{"ranks": comm.size, "loss": hist[-1]["loss"]}}))
+"""
+    got = {}
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        cmd = [sys.executable, "-c", code, str(out)]
+        p = subprocess.run([MPIEXEC, "-n", str(k), *cmd] if k > 1 else cmd, cwd=REPO,
+                           env=_env(), capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        got[k] = json.loads(p.stdout.strip().splitlines()[-1])
+        assert got[k]["ranks"] == k
+    assert got[2]["loss"] == pytest.approx(got[1]["loss"], rel=1e-5)
+    _close(_arrays(tmp_path / "k1" / "last.npz"), _arrays(tmp_path / "k2" / "last.npz"))
+
+
 # ---------------------------------------------------------------- NCCL (one GPU)
 
 def test_nccl_allreduce(cupy_device):
