@@ -149,6 +149,30 @@ def check_same(comm, net, opt, where: str) -> None:
             "from the last checkpoint (all ranks load the same one)")
 
 
+def load_on_all(comm, path, load):
+    """``load(path)`` on every rank from rank 0's file: rank 0 reads it and sends its bytes,
+    which the other ranks load from a temporary file of their own (no shared filesystem
+    needed for the checkpoint)."""
+    if comm.size == 1:
+        return load(path)
+    data = None
+    if comm.rank == 0:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    data = comm.bcast(data)
+    if comm.rank == 0:
+        return load(path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="gloro-rank-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return load(tmp)
+    finally:
+        os.unlink(tmp)
+
+
 # ---------------------------------------------------------------- evaluation
 
 def evaluate(comm, net, x, y, eps, batch) -> dict:

@@ -427,8 +427,9 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
     history: list[dict] = []
     start_epoch, best_vra, best_epoch = 0, -1.0, None
     run_id = uuid.uuid4().hex  # ties best.npz to last.npz of the same run
-    if resume and os.path.exists(last_path):
-        net, extra = load_checkpoint(last_path)
+    # rank 0's run directory decides (other ranks may not share its filesystem)
+    if resume and comm.bcast(os.path.exists(last_path) if lead else None):
+        net, extra = parallel.load_on_all(comm, last_path, load_checkpoint)
         state = extra.get("train_state")
         _check_state(last_path, state)
         saved = state["config"]
