@@ -24,6 +24,7 @@ def sections():
         ("inference", "4. inference (frozen K)"),
         ("scaling", "5. scaling (2C2F GloRo step)"),
         ("threads", "5b. BLAS threads (our 2C2F GloRo step; rest of the run uses the header's counts)"),
+        ("mpi", f"5c. data parallel (4C3F GloRo step, global batch {b}, K MPI ranks of 1 thread)"),
         ("memory", "6. peak memory per training instance"),
     ]
 

@@ -19,6 +19,9 @@ Workloads (record names in brackets; ``--only`` is a regex/substring on them):
      every model with ``--full``, where K is frozen at the paper's tolerance 1e-5).
   5. scaling [scale/batch/2C2F/bN, scale/iters/2C2F/pK].
   5b. BLAS threads [threads/blasN/2C2F]: our GloRo step with BLAS at the run's count vs 1.
+  5c. data parallel [scale/mpi/4C3F/K1, K2]: 4C3F GloRo steps/s at 1 and 2 MPI ranks
+     (bench/scale_mpi.py under mpiexec, one thread per rank) and the all-reduce's bytes per
+     step; skipped with a note without the mpi extra.
   6. peak memory [mem/<arch>] (bench/memory.py).
 
 Where things live: shapes.py (models, layer shapes, FLOP counts), workloads.py (workloads
@@ -188,7 +191,8 @@ def _run_workloads(b, t_start) -> None:
     b.meta["loadavg_start"] = os.getloadavg()[0]
     for title, fn in (("kernels", workloads.bench_kernels), ("training steps", workloads.bench_steps),
                       ("inference", workloads.bench_inference), ("scaling", workloads.bench_scaling),
-                      ("BLAS threads", workloads.bench_blas_threads), ("memory", memory.bench_memory)):
+                      ("BLAS threads", workloads.bench_blas_threads),
+                      ("data parallel", workloads.bench_mpi_scaling), ("memory", memory.bench_memory)):
         b.log(f"[{time.perf_counter() - t_start:6.1f}s] {title}")
         try:
             fn(b)

@@ -523,3 +523,60 @@ def bench_blas_threads(b) -> None:
         r = recs[1]["median_ms"] / recs[nb]["median_ms"]
         recs[1]["blas1_over_blasN"] = r
         recs[1]["note"] = f"BLAS 1 thread / {nb} threads = {r:.2f}x (below 1: fewer BLAS threads are faster)"
+
+
+# ============================================================== workload 5c: data parallel
+def bench_mpi_scaling(b) -> None:
+    """4C3F GloRo steps per second at K = 1 and K = 2 ranks (``mpiexec -n 2``), one thread
+    per rank, global batch = the bench batch, in bench/scale_mpi.py's processes; and the
+    bytes each rank all-reduces per step (the parameters'). Skipped with a note without
+    the ``mpi`` extra."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    arch = "4C3F"
+    names = {k: f"scale/mpi/{arch}/K{k}" for k in (1, 2)}
+    if not any(b.wanted(n) for n in names.values()):
+        return
+    here = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(here) if here.exists() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpiexec = None
+    if mpiexec is None:
+        b.note('scale/mpi skipped: needs mpi4py and mpiexec (pip install -e ".[mpi]")')
+        return
+    root = Path(__file__).resolve().parent
+    env = dict(b.base_env)
+    # the worker imports the engine of this checkout, and bench's modules beside it
+    env["PYTHONPATH"] = os.pathsep.join([str(root.parent), str(root), env.get("PYTHONPATH", "")])
+    steps = {"quick": 3, "default": 5, "full": 10}[b.args.mode]
+    shape, iters, _ = MODELS[arch]
+    got = {}
+    for k in (1, 2):
+        cmd = [sys.executable, str(root / "scale_mpi.py"), "--arch", arch,
+               "--batch", str(shapes.BATCH), "--steps", str(steps)]
+        if k > 1:
+            cmd = [mpiexec, "-n", str(k)] + cmd
+        b.log(f"  {names[k]}")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            b.note(f"{names[k]}: the worker failed ({p.returncode}): {p.stderr.strip()[-300:]}")
+            return
+        got[k] = json.loads(p.stdout.strip().splitlines()[-1])
+    shp = f"{shapes.BATCH}x" + "x".join(map(str, shape)) + f" p={iters}"
+    for k, r in got.items():
+        rec = b.add(record(names[k], "mpi", "ours", shp, shapes.BATCH, steps_per_s=r["steps_per_s"],
+                           ranks=k, allreduce_ms=r["allreduce_ms"],
+                           allreduce_bytes=r["allreduce_bytes"], param_bytes=r["param_bytes"],
+                           reps=r["reps"]))
+        rec["median_ms"] = r["step_ms"]
+        rec["note"] = (f"{r['steps_per_s']:.2f} steps/s, 1 thread/rank"
+                       + (f", x{r['steps_per_s'] / got[1]['steps_per_s']:.2f} of K=1; all-reduce "
+                          f"{r['allreduce_bytes'] / 1e6:.2f} MB/step in {r['allreduce_ms']:.1f} ms"
+                          if k > 1 else ""))

@@ -1,4 +1,8 @@
-"""Command line: ``python -m gloro_core {train,certify,attack,lipschitz} --help``."""
+"""Command line: ``python -m gloro_core {train,certify,attack,lipschitz} --help``.
+
+Under ``mpiexec -n K`` (``distributed.world()``) train is data-parallel, certify and attack
+split the test set by whole batches, and rank 0 alone prints; an error on any rank ends
+the whole job (``distributed.fail``)."""
 from __future__ import annotations
 
 import argparse
@@ -202,7 +206,7 @@ def _load_run(args):
     saved = [k for k, taken in (("dataset", not args.dataset),
                                 ("data_dir", args.data_dir is None and data_dir is not None))
              if taken]
-    if saved:  # the checkpoint chose what is read: say what and where, on one line
+    if saved and _comm().rank == 0:  # the checkpoint chose what is read: say what and where
         try:
             key = data_mod.canonical_name(name)
             what = ("generating synthetic data" if key == "synthetic" else
@@ -291,23 +295,34 @@ def cmd_train(args) -> int:
         progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,
         synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after,
         device=args.device)
-    print(f"train: {json.dumps(cfg.to_json())}", flush=True)
+    comm = _comm()
+    if comm.rank == 0:
+        print(f"train: {json.dumps(cfg.to_json())}", flush=True)
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite,
-              log=lambda s: print(s, flush=True))
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+              log=lambda s: print(s, flush=True), comm=comm)
+    except TrainingDiverged as exc:  # decided on the global loss: every rank stops here
+        if comm.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
     return 0
 
 
-def certify_arrays(net, x, y, eps, bound="provable", batch=500):
-    """-> dict of results and (correct, radius) arrays. x (N, C, H, W), y (N,)."""
+def certify_arrays(net, x, y, eps, bound="provable", batch=500, comm=None):
+    """-> dict of results and (correct, radius) arrays. x (N, C, H, W), y (N,).
+
+    With ``comm`` of K ranks, each certifies its whole batches (``parallel.batch_span``)
+    and every rank gets every point's result: the same as one process's, but for the
+    times (the slowest rank's) and memory peaks (the largest)."""
     from nn.tensor import no_grad
+
+    from . import parallel
 
     if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")  # range(0, n, 0)
+    comm = _comm() if comm is None else comm
     n = len(x)
+    lo, hi = parallel.batch_span(n, batch, comm)
     preds, radii, clean = [], [], []
     # bounds first (a model constant, computed once), then time the certificate alone
     tb = time.perf_counter()
@@ -316,8 +331,8 @@ def certify_arrays(net, x, y, eps, bound="provable", batch=500):
     tracemalloc.start()
     t0 = time.perf_counter()
     with no_grad():
-        for s in range(0, n, batch):
-            xb = x[s:s + batch]
+        for s in range(lo, hi, batch):
+            xb = x[s:min(s + batch, hi)]
             pred, radius = net.certify(xb, eps, bound=bound)
             preds.append(_np(pred))
             radii.append(_np(radius))
@@ -325,11 +340,13 @@ def certify_arrays(net, x, y, eps, bound="provable", batch=500):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     with no_grad():
-        for s in range(0, n, batch):
-            clean.append(_np(net.logits(x[s:s + batch])).argmax(1))
-    pred = np.concatenate(preds)
-    radius = np.concatenate(radii).astype(np.float64)
-    clean = np.concatenate(clean)
+        for s in range(lo, hi, batch):
+            clean.append(_np(net.logits(x[s:min(s + batch, hi)])).argmax(1))
+    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    radius = np.concatenate(radii).astype(np.float64) if radii else np.zeros(0)
+    clean = np.concatenate(clean) if clean else np.zeros(0, np.int64)
+    pred, radius, clean = parallel.gather_rows(comm, pred, radius, clean)
+    seconds, bound_seconds, peak = parallel.max_over_ranks(comm, seconds, bound_seconds, peak)
     num_classes = int(net.num_classes) if hasattr(net, "num_classes") else int(clean.max() + 1)
     rejected = (pred == num_classes) | (pred < 0)
     vra = (pred == y) & ~rejected
@@ -362,6 +379,8 @@ def cmd_certify(args) -> int:
     net, cfg, path, x, y, eps = _load_run(args)
     res, correct, radius = certify_arrays(net, x, y, eps, args.bound, args.batch)
     res["checkpoint"] = path
+    if _comm().rank != 0:
+        return 0
     if args.plot:
         from .plots import plot_vra_vs_eps
 
@@ -371,16 +390,19 @@ def cmd_certify(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from . import attacks
+    from . import attacks, parallel
 
     net, cfg, path, x, y, eps = _load_run(args)
     step = args.step_size if args.step_size is not None else 2.5 * eps / args.steps
     from nn.tensor import no_grad
 
+    comm = _comm()
+    # whole batches per rank: each batch's PGD (seeded per batch) is one process's
+    lo, hi = parallel.batch_span(len(x), args.batch, comm)
     t0 = time.perf_counter()
     adv_pred, cert_pred = [], []
-    for s in range(0, len(x), args.batch):
-        xb, yb = x[s:s + args.batch], y[s:s + args.batch]
+    for s in range(lo, hi, args.batch):
+        xb, yb = x[s:min(s + args.batch, hi)], y[s:min(s + args.batch, hi)]
         x_adv = attacks.pgd_l2(net, xb, yb, eps=eps, steps=args.steps, step_size=step,
                                restarts=args.restarts, seed=args.seed)
         x_adv = _np(x_adv)
@@ -391,9 +413,12 @@ def cmd_attack(args) -> int:
             adv_pred.append(_np(net.logits(x_adv)).argmax(1))
             cert_pred.append(_np(net.certify(xb, eps, tight_radius=False)[0]))
     with no_grad():
-        clean = np.concatenate([_np(net.logits(x[s:s + args.batch])).argmax(1)
-                                for s in range(0, len(x), args.batch)])
-    adv, cert = np.concatenate(adv_pred), np.concatenate(cert_pred)
+        clean = [_np(net.logits(x[s:min(s + args.batch, hi)])).argmax(1)
+                 for s in range(lo, hi, args.batch)]
+    empty = np.zeros(0, np.int64)
+    adv, cert, clean = parallel.gather_rows(comm, *(np.concatenate(a) if a else empty
+                                                    for a in (adv_pred, cert_pred, clean)))
+    seconds = parallel.max_over_ranks(comm, time.perf_counter() - t0)
     # a certificate says no point of the eps-ball changes the class: PGD must flip none
     certified = cert >= 0
     res = {"checkpoint": path, "n": int(len(x)), "eps": eps, "steps": args.steps,
@@ -401,8 +426,9 @@ def cmd_attack(args) -> int:
            "clean_acc": float((clean == y).mean()), "pgd_acc": float((adv == y).mean()),
            "certified": int(certified.sum()),
            "certified_flipped": int((certified & (adv != cert)).sum()),
-           "seconds": time.perf_counter() - t0}
-    _print(res, args.json, f"attack {path}")
+           "seconds": seconds}
+    if comm.rank == 0:
+        _print(res, args.json, f"attack {path}")
     return 0
 
 
@@ -421,7 +447,8 @@ def cmd_lipschitz(args) -> int:
                 "local_lower_bound_max": float(np.max(loc)), "local_eps": eps,
                 "lower_bound_seconds": time.perf_counter() - t0,
                 "pairs": args.pairs, "points": int(len(loc)), "steps": args.steps})
-    _print(res, args.json, f"lipschitz {path}")
+    if _comm().rank == 0:  # not sharded: every rank computes the same, one prints
+        _print(res, args.json, f"lipschitz {path}")
     return 0
 
 
@@ -429,16 +456,41 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "attack": cmd_attack,
             "lipschitz": cmd_lipschitz}
 
 
+def _comm():
+    from .distributed import world
+
+    return world()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from kernels.registry import default_backend
 
+    from .distributed import fail
+
+    try:
+        comm = _comm()
+    except RuntimeError as exc:  # launched by mpiexec without mpi4py, or a foreign mpiexec
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if comm.size > 1:
+        from .parallel import share_cores
+
+        n = share_cores(comm)
+        if comm.rank == 0:
+            print(f"{args.command}: {comm.size} ranks ({comm.kind})"
+                  + (f", {n} thread(s) each" if n else ""), file=sys.stderr, flush=True)
     try:
         with default_backend(args.backend or None):   # not os.environ: other libraries read it
             return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        user = isinstance(exc, (ValueError, FileNotFoundError))
+        if comm.size == 1 and not user:
+            raise
+        fail(comm, exc)  # K ranks: ends the job, unless every rank raised it alike
+        if comm.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

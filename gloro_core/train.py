@@ -33,8 +33,7 @@ import zipfile
 import numpy as np
 
 from . import data as data_mod
-from . import metrics
-from .augment import augment_batch
+from . import distributed, metrics, parallel
 from .checkpoint import copy_npz
 from .rundir import RunDir
 from .schedules import Plan
@@ -53,6 +52,8 @@ GPU_LOSS_READ_EVERY = 20
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    all_ranks = True  # decided on the all-reduced loss: every rank raises it at one step
 
 
 @dataclasses.dataclass
@@ -373,8 +374,12 @@ def load_data(cfg: TrainConfig) -> data_mod.Dataset:
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None,
-          overwrite: bool = False) -> list[dict]:
+          overwrite: bool = False, comm=None) -> list[dict]:
     """Run (or resume) training as configured; returns the per-epoch metrics history.
+
+    ``comm`` (default ``distributed.world()``: MPI under ``mpiexec -n K``, else one
+    process) makes it data-parallel (``parallel``): every rank trains on its part of each
+    global batch, and rank 0 alone holds the run directory and writes and logs.
 
     ``cfg.out`` must be empty or new unless ``resume`` (continue the run there) or
     ``overwrite`` (replace it: its outputs are removed once data and model are ready, just
@@ -390,16 +395,31 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None,
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError('--plot needs matplotlib: pip install -e ".[plot]"') from None
-    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
-        if run.removed_orphans:
-            log(f"removed temporary files of interrupted writes from {cfg.out}: "
-                + ", ".join(run.removed_orphans))
-        return _train_locked(cfg, plan, run, resume, log, dataset)
+    comm = distributed.world() if comm is None else comm
+    try:
+        if comm.rank != 0:  # the other ranks read the run directory, never write or log
+            history = _train_locked(cfg, plan, None, resume, lambda s: None, dataset, comm)
+        else:
+            with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+                if run.removed_orphans:
+                    log(f"removed temporary files of interrupted writes from {cfg.out}: "
+                        + ", ".join(run.removed_orphans))
+                if comm.size > 1:
+                    log(f"data-parallel: {comm.size} ranks ({comm.kind}), global batch {cfg.batch}")
+                history = _train_locked(cfg, plan, run, resume, log, dataset, comm)
+        comm.barrier()  # every rank returns once rank 0 has written and unlocked the run
+        return history
+    except Exception as exc:
+        distributed.fail(comm, exc)  # K ranks: an error on one rank ends them all
+        raise
 
 
-def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
+def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
     from .architectures import build
 
+    lead = comm.rank == 0
+    if cfg.device == "gpu" and comm.size > 1:
+        distributed.use_local_gpu(comm)  # before any array is placed
     ds = dataset if dataset is not None else load_data(cfg)
     last_path = os.path.join(cfg.out, CKPT_LAST)
     best_path = os.path.join(cfg.out, CKPT_BEST)
@@ -407,8 +427,9 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
     history: list[dict] = []
     start_epoch, best_vra, best_epoch = 0, -1.0, None
     run_id = uuid.uuid4().hex  # ties best.npz to last.npz of the same run
-    if resume and os.path.exists(last_path):
-        net, extra = load_checkpoint(last_path)
+    # rank 0's run directory decides (other ranks may not share its filesystem)
+    if resume and comm.bcast(os.path.exists(last_path) if lead else None):
+        net, extra = parallel.load_on_all(comm, last_path, load_checkpoint)
         state = extra.get("train_state")
         _check_state(last_path, state)
         saved = state["config"]
@@ -424,14 +445,15 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         start_epoch = int(state["epoch"]) + 1
         best_vra = float(state.get("best_vra", -1.0))
         history = list(state.get("history", []))
-        best_epoch = _repair_best(last_path, best_path, state, log)
+        best_epoch = _repair_best(last_path, best_path, state, log) if lead else None
         run_id = state.get("run_id")
-        if run_id is None:  # legacy run: give it an id so no other legacy best.npz matches
+        if run_id is None and lead:  # legacy run: give it an id so no other legacy best.npz matches
             run_id = _adopt_legacy_run(net, extra, last_path, best_path, best_epoch)
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
         opt.load_state_dict(state["optimizer"])
-        _write_metrics(cfg.out, history)
+        if lead:
+            _write_metrics(cfg.out, history)
         log(f"resumed from {last_path} after epoch {start_epoch} of {cfg.epochs}")
     else:
         if resume:
@@ -440,11 +462,14 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
                     init=cfg.init, eps=cfg.eps, eps_train=cfg.train_eps, seed=cfg.seed)
         _place(net, cfg.device)
         opt = _make_optimizer(net, cfg.lr)
-        if run.overwrite:  # the new run is ready: only now does the old one go
+        if lead and run.overwrite:  # the new run is ready: only now does the old one go
             gone = run.clear_outputs()
             if gone:
                 log(f"--overwrite: removed the earlier run's {', '.join(gone)} from {cfg.out}")
-        _write_metrics(cfg.out, [])
+        if lead:
+            _write_metrics(cfg.out, [])
+    parallel.check_same(comm, net, opt, "at the start")
+    gcomm = distributed.device_comm(comm, cfg.device)
 
     n = len(ds.x_train)
     steps = math.ceil(n / cfg.batch)
@@ -459,14 +484,13 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         loss_sum = 0.0
         seen = 0
         window = []   # (loss, batch size, step) not read back yet
-        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and lead)
         vals = plan.at(epoch)
         for step, idx in enumerate(data_mod.batches(n, cfg.batch, shuffle_rng)):
             vals = plan.at(epoch + step / steps)
-            xb = ds.x_train[idx]
-            if use_aug:
-                xb = augment_batch(xb, aug_rng)
-            yb = ds.y_train[idx]
+            # this rank's part of the global batch idx (all of it on one process)
+            xb, yb, weight = parallel.local_batch(comm, ds.x_train, ds.y_train, idx,
+                                                  aug_rng if use_aug else None)
             _set_lr(opt, vals["lr"])
             _zero_grad(net, opt)
             if vals["warmup"]:
@@ -474,7 +498,12 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
             else:
                 loss = net.loss(xb, yb, loss=cfg.loss, eps=vals["eps"], lam=vals["lam"],
                                 power_iters=cfg.power_iters)
-            window.append((loss.data, len(idx), step))
+            loss.backward()
+            # K ranks: one all-reduce turns the parts' gradients and losses into the global
+            # batch's means on every rank (so every rank decides alike below); one process:
+            # the loss as it is. A 0-d array: no host sync on a GPU
+            gloss = parallel.reduce_gradients(gcomm, net.parameters(), loss.data, weight)
+            window.append((gloss, len(idx), step))
             if len(window) >= read_every or step == steps - 1:
                 for lv, size, at in _read_losses(window):
                     if not math.isfinite(lv):
@@ -488,7 +517,6 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
                     seen += size
                 bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
                 window.clear()
-            loss.backward()
             opt.step()
             bar.update(1)
         bar.close()
@@ -497,7 +525,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         # Converge the power iterates: certification needs the real norm, not an estimate.
         te = time.perf_counter()
         net.update_lipschitz(tol=cfg.lipschitz_tol, max_iter=cfg.lipschitz_max_iter)
-        ev = evaluate(net, ds.x_test, ds.y_test, cfg.eps, cfg.eval_batch)
+        ev = parallel.evaluate(comm, net, ds.x_test, ds.y_test, cfg.eps, cfg.eval_batch)
         eval_s = time.perf_counter() - te
         end = plan.at(epoch + 1 - 1e-9)
         m = {"epoch": epoch + 1, "phase": "warmup" if vals["warmup"] else "gloro",
@@ -509,6 +537,9 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
         improved = m["vra"] > best_vra
         best_vra = max(best_vra, m["vra"])
         best_epoch = epoch if improved else best_epoch
+        parallel.check_same(comm, net, opt, f"epoch {epoch + 1}")  # before it is saved
+        if not lead:
+            continue
         extra = _train_extra(cfg, opt, epoch, best_vra, history, best_epoch, run_id)
         # last.npz first: it is the commit point and names the best epoch. A stop between
         # the two writes leaves best.npz behind only when this epoch is the best, and then
@@ -518,7 +549,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset) -> list[dict]:
             save_checkpoint(net, best_path, extra)
         _write_metrics(cfg.out, history, append_only=m)
         log(format_line(m, cfg.epochs))
-    if cfg.plot and history:
+    if cfg.plot and history and lead:
         from .plots import plot_training
 
         log(f"wrote {plot_training(history, os.path.join(cfg.out, 'curves.png'))}")

@@ -132,6 +132,27 @@ def test_memory_and_scaling_records(tmp_path):
         assert b1["blas1_over_blasN"] == pytest.approx(b1["median_ms"] / b2["median_ms"], rel=1e-9)
 
 
+def test_data_parallel_records(tmp_path):
+    """5c: 4C3F steps/s at K = 1 and 2 ranks (mpiexec), and the all-reduce's bytes: the
+    parameters' (1.97 M float32) plus the loss."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip('needs the mpi extra: pip install -e ".[mpi]"')
+    _, data = _run(tmp_path, "--only", "scale/mpi", "--batch", "16", "--no-torch", timeout=400)
+    recs = {r["name"]: r for r in data["records"]}
+    assert set(recs) == {"scale/mpi/4C3F/K1", "scale/mpi/4C3F/K2"}, data["notes"]
+    k1, k2 = recs["scale/mpi/4C3F/K1"], recs["scale/mpi/4C3F/K2"]
+    from gloro_core.model import GloroNet
+
+    net = GloroNet((1, 28, 28), 10, shapes.arch_specs("4C3F"))
+    nbytes = sum(p.data.nbytes for p in net.parameters())
+    assert (k1["ranks"], k2["ranks"]) == (1, 2)
+    assert k1["param_bytes"] == k2["param_bytes"] == nbytes == 4 * 1_974_762
+    assert k2["allreduce_bytes"] == nbytes + 4 and k1["allreduce_bytes"] == 0
+    for r in (k1, k2):
+        assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"], rel=1e-9)
+    assert "of K=1" in k2["note"] and k2["allreduce_ms"] > 0
+
+
 def test_step_flops_formula():
     """2C2F at batch n: c1 1x28x28 -> 16x14x14 (k4), c2 -> 32x7x7 (k4), d1 1568 -> 100, d2 100 -> 10."""
     macs = [14 * 14 * 16 * 1 * 16, 7 * 7 * 32 * 16 * 16, 1568 * 100, 100 * 10]
