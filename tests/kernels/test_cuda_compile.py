@@ -313,6 +313,8 @@ def emulated(tmp_path_factory):
     # GLORO_EMU_SANITIZE=1: built with ASan and UBSan (test_cuda_emulator_strict runs these
     # tests so in a child process that has the ASan runtime preloaded)
     sanitize = os.environ.get("GLORO_EMU_SANITIZE") == "1"
+    if sanitize and "libasan" not in Path("/proc/self/maps").read_text():
+        pytest.fail("GLORO_EMU_SANITIZE=1 needs the ASan runtime preloaded (cuda_emulator.sanitizer_env())")
     emu = cuda_emulator.Emulator(cuda_emulator.build(tmp_path_factory.mktemp("cuda_emu"), sanitize=sanitize))
     fake_cp = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, empty_like=np.empty_like,
                                     ascontiguousarray=np.ascontiguousarray, where=np.where)

@@ -233,9 +233,17 @@ def sanitized_so(broken_src):
     return ce.build(out, sanitize=True, sources={broken_src: ["read_past_end", "write_past_end", "in_bounds"]})
 
 
-def _run_sanitized(args, timeout=300):
+def _report(proc) -> str:
+    """The lines of a child's output that say what a sanitizer found, and where."""
+    keep = re.compile(r"ERROR: AddressSanitizer|runtime error|(READ|WRITE) of size|^\s*#[0-3] |SUMMARY|"
+                      r"CUDA emulator|region|passed|failed|Error")
+    return "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if keep.search(line))[-6000:]
+
+
+def _run_sanitized(args, timeout=300, **extra_env):
     env = ce.sanitizer_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env.update(extra_env)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=timeout)
 
@@ -243,25 +251,29 @@ def _run_sanitized(args, timeout=300):
 @pytest.mark.parametrize("kernel,access", [("read_past_end", "READ"), ("write_past_end", "WRITE")])
 def test_asan_catches_global_out_of_bounds(sanitized_so, kernel, access):
     proc = _run_sanitized(["-c", _CHILD, str(sanitized_so), kernel])
-    print(proc.stderr[-3000:])
-    assert proc.returncode != 0 and "finished" not in proc.stdout
-    assert "AddressSanitizer: heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]
-    assert f"{access} of size 4" in proc.stderr, proc.stderr[-3000:]
-    assert f"the sanitizer stopped kernel {kernel} in block (0,0,0)" in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"0 bytes (after|to the right of) 400-byte region", proc.stderr), proc.stderr[-3000:]
+    report = _report(proc)
+    print(report)
+    assert proc.returncode != 0 and "finished" not in proc.stdout, report
+    assert "AddressSanitizer: heap-buffer-overflow" in proc.stderr, report
+    assert f"{access} of size 4" in proc.stderr, report
+    assert re.search(rf"#0 .* in {kernel}\(", proc.stderr), report
+    assert f"the sanitizer stopped kernel {kernel} in block (0,0,0)" in proc.stderr, report
+    assert re.search(r"0 bytes (after|to the right of) 400-byte region", proc.stderr), report
 
 
 def test_asan_passes_a_correct_kernel(sanitized_so):
     proc = _run_sanitized(["-c", _CHILD, str(sanitized_so), "in_bounds"])
-    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "finished" in proc.stdout, _report(proc)
 
 
 def test_real_kernels_clean_under_sanitizers():
     """tests/kernels/test_cuda_compile.py's emulated tests (every kernel against the NumPy
     oracle) again, with the emulator built with ASan and UBSan (GLORO_EMU_SANITIZE=1)."""
-    proc = _run_sanitized(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                           "tests/kernels/test_cuda_compile.py", "-k", "emulated"], timeout=900)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    print(tail)
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    # --capture=sys: pytest's default fd capture would swallow the sanitizer's report
+    proc = _run_sanitized(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys", "-x",
+                           "tests/kernels/test_cuda_compile.py", "-k", "emulated"], timeout=900,
+                          GLORO_EMU_SANITIZE="1")
+    report = _report(proc)
+    print(report)
+    assert proc.returncode == 0, report
+    assert re.search(r"\b\d+ passed", proc.stdout) and not re.search(r"skipped|failed|error", proc.stdout), report
