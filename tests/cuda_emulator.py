@@ -5,8 +5,16 @@ Without a GPU the kernels can still be *run*: the sources are compiled by g++ ag
 prelude below, and the cupy backend's own host code (tile/split-K planning, argument order,
 zeroing for split-K) drives them, with CuPy swapped for NumPy (tests/fake_cupy.py, or plain
 NumPy in tests/kernels/test_cuda_compile.py). This checks the kernels' arithmetic and
-indexing against the oracle; it says nothing about speed or about GPU-only hazards beyond
-what real threads and barriers expose.
+indexing against the oracle; it says nothing about speed.
+
+It is strict about what a GPU would get wrong silently or hang on (EmulatorError, naming
+the kernel, block, threads and call sites): barriers and shuffles reached at different call
+sites, skipped by threads that returned, or deadlocked; a block that makes no progress
+(watchdog); out-of-range indices into fixed-size (shared) arrays; grid, block and
+__launch_bounds__ limits.  Out-of-bounds global memory needs ``build(sanitize=True)``
+(AddressSanitizer + UBSan), run in a process started with ``sanitizer_env()``
+(tests/kernels/test_cuda_emulator_strict.py does both).  Data races between threads are
+not detected.
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ EMU_PRELUDE = r"""// CPU emulation of the CUDA subset the kernels use: one OS th
 #include <thread>
 #include <utility>
 #include <vector>
+#include <unistd.h>
 #ifdef EMU_SANITIZE
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -98,7 +107,8 @@ struct EmuState {
     double watchdog_s = 60.0;
     std::atomic<unsigned long long> go[EMU_MAX_THREADS];  // launch number each pool thread is to run
     unsigned long long launch_no = 0;
-    unsigned pool = 0;
+    unsigned pool = 0;   // pool threads started, by process pool_pid
+    pid_t pool_pid = 0;
 };
 // never destroyed: the pool threads are detached and outlive static destructors
 static EmuState& emu_S = *new EmuState;
@@ -383,6 +393,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
         blockDim = {bx, by, bz};
         ++emu_S.launch_no;
     }
+    if (emu_S.pool_pid != getpid()) {  // a forked child has none of its parent's pool threads
+        emu_S.pool_pid = getpid();
+        emu_S.pool = 0;
+        for (auto& g : emu_S.go) g.store(0);
+        emu_S.launch_no = 1;
+    }
     while (emu_S.pool < nt) {
         const unsigned t = emu_S.pool++;
         std::thread(emu_worker, t).detach();
@@ -455,15 +471,18 @@ def build(tmp: Path | None = None, sanitize: bool = False, sources: dict | None 
     src += EMU_LAUNCH
     cpp, obj, so = tmp / "emu.cpp", tmp / "emu.o", tmp / "emu.so"
     cpp.write_text(src)
-    base = [GXX, "-std=c++20", "-O1", "-pthread", "-fPIC"]
+    base = [GXX, "-std=c++20", "-pthread", "-fPIC"]
     if sanitize:
-        cmds = [base + ["-g", "-fno-omit-frame-pointer", "-DEMU_SANITIZE", "-fsanitize=address,undefined",
+        # -O0: g++ takes less than half the time of -O1 on these templates with the
+        # sanitizers on, and that build dominates a sanitized run on small shapes
+        cmds = [base + ["-O0", "-g1", "-fno-omit-frame-pointer", "-DEMU_SANITIZE", "-fsanitize=address,undefined",
                         "-fno-sanitize-recover=all", "-shared", "-o", str(so), str(cpp)]]
     else:
         # bounds checks compiled in, linked without the UBSan runtime: the prelude's handler
         # fails the launch, and the library loads into any Python
-        cmds = [base + ["-fsanitize=bounds", "-c", "-o", str(obj), str(cpp)],
-                [GXX, "-pthread", "-shared", "-o", str(so), str(obj)]]
+        # (-Bsymbolic: even if a UBSan runtime is loaded in the process, ours is the handler)
+        cmds = [base + ["-O1", "-fsanitize=bounds", "-c", "-o", str(obj), str(cpp)],
+                [GXX, "-pthread", "-shared", "-Wl,-Bsymbolic", "-o", str(so), str(obj)]]
     for cmd in cmds:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

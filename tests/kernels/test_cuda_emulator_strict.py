@@ -210,6 +210,29 @@ def test_watchdog_fails_a_block_that_makes_no_progress(emu):
         emu.lib.emu_set_watchdog(60.0)
 
 
+def _launch_in_forked_child(emu, q):
+    a = np.arange(64, dtype=np.float32)
+    b = _arr(64)
+    emu.kernel("in_bounds")((1,), (64,), (a, b, np.int32(64)))
+    q.put(float(b.sum()))
+
+
+def test_forked_child_gets_its_own_thread_pool(emu):
+    # the parent's pool threads do not exist in a forked child: it must start its own
+    import multiprocessing as mp
+
+    emu.kernel("in_bounds")((1,), (64,), (_arr(64), _arr(64), np.int32(64)))  # the parent's pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_launch_in_forked_child, args=(emu, q))
+    p.start()
+    p.join(30)
+    if p.exitcode is None:  # hung: the launch waited for threads that do not exist
+        p.kill()
+        p.join()
+    assert p.exitcode == 0 and q.get(timeout=5) == float(np.arange(64).sum() + 64), p.exitcode
+
+
 # ---------------------------------------------------------------- sanitizers (child process)
 
 _CHILD = r"""
