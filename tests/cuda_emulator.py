@@ -308,7 +308,10 @@ static void emu_on_sanitizer_death()
 #else
 // -fsanitize=bounds calls this on an index out of range of an array of known size (a
 // __shared__ array, a register tile): fail the launch instead of reading a neighbour.
-// The data layout is the UBSan runtime's ABI (SourceLocation, TypeDescriptor).
+// The data layout is the UBSan runtime's ABI (SourceLocation, TypeDescriptor).  EmuAbort
+// is thrown through the kernel's frames, which hold no objects with destructors (CUDA
+// code), so unwinding needs no cleanup entries there even though g++ declares the
+// handler nothrow.
 struct EmuUbsanType { unsigned short kind, info; char name[1]; };
 struct EmuUbsanOob { const char* file; unsigned line, col; const EmuUbsanType* array; const EmuUbsanType* index; };
 extern "C" void __ubsan_handle_out_of_bounds(EmuUbsanOob* d, void* index)

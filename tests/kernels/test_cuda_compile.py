@@ -229,10 +229,10 @@ def test_limits_check_catches_kernels_over_limits(tmp_path):
     print("\n".join(bad))
     hog = next(fn for fn in report if "register_hog" in fn)
     assert report[hog]["regs"] > 64 and report[hog]["threads"] == 1024, report[hog]
-    assert [b for b in bad if "register_hog" in b] == [
-        f"{hog}: {report[hog]['regs']} registers x 1024 threads (no __launch_bounds__: any block up to 1024) = "
-        f"{_block_registers(report[hog]['regs'], 1024)} > 65536 registers per block: the launch would fail "
-        f"(too many resources requested)"]
+    want = (f"{hog}: {report[hog]['regs']} registers x 1024 threads (no __launch_bounds__: any block up to 1024) = "
+            f"{_block_registers(report[hog]['regs'], 1024)} > 65536 registers per block: the launch would fail "
+            f"(too many resources requested)")
+    assert [b for b in bad if "register_hog" in b] == [want], bad
     assert any("bounded_hog" in b and "spills" in b for b in bad), bad
     assert not [b for b in bad if "hog_at_256" in b], bad
     assert len(bad) == 2, bad
@@ -290,7 +290,7 @@ def test_numba_kernel_compiles(name, dtype, tmp_path):
     path.write_text(ptx)
     report, errors = _ptxas_report(path, "80")
     assert len(report) == 1, report
-    (fn, r), = report.items()
+    (_, r), = report.items()
     print(f"\nnumba {name} {dtype}: {r['regs']} registers, {r['threads']} threads, spill {r['spill_st']}/{r['spill_ld']} bytes")
     bad = _limit_violations(report, errors)
     assert not bad, "\n".join(bad)

@@ -15,10 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
+import cuda_emulator as ce
 import numpy as np
 import pytest
-
-import cuda_emulator as ce
 
 pytestmark = pytest.mark.skipif(ce.GXX is None, reason="g++ not installed")
 
