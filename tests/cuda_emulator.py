@@ -499,6 +499,8 @@ def sanitizer_env(env: dict | None = None) -> dict:
     interpreter keeps memory at exit on purpose), and the process stops at the first error."""
     env = dict(os.environ if env is None else env)
     asan = subprocess.run([GXX, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(asan) or not os.path.exists(asan):  # g++ echoes the bare name when it has none
+        raise RuntimeError(f"g++ has no AddressSanitizer runtime (libasan.so, got {asan!r}): install libasan")
     env["LD_PRELOAD"] = " ".join(p for p in (asan, env.get("LD_PRELOAD", "")) if p)
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
