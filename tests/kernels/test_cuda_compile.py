@@ -2,14 +2,16 @@
 
 * Every kernels/cuda/*.cu source, with every template instance the cupy backend
   asks for (float and double, every GEMM tile), compiles to PTX with nvcc for
-  sm_80 and sm_90 with all warnings as errors; ptxas then reports registers and
-  spills per kernel (printed, run pytest -s to see them) and no kernel may spill.
+  sm_80 and sm_90 with all warnings as errors; ptxas then reports registers,
+  shared memory and spills per kernel (printed, run pytest -s to see them), and
+  every instance must fit a block at its most threads (its __launch_bounds__, else
+  1024): registers x threads <= 65536, static shared memory <= 48 KiB, no spills.
 * The same sources compile through NVRTC (the compiler CuPy's RawModule uses),
   driven directly through CuPy's NVRTC bindings: CuPy's own compile path asks
   the runtime for the current device's architecture first, which fails without
   a driver, so it cannot be exercised here.
 * Every numba_cuda kernel compiles with numba.cuda.compile_ptx for float32 and
-  float64 at cc 8.0, and its PTX also goes through ptxas (no spills).
+  float64 at cc 8.0, and its PTX also goes through ptxas (the same limits).
 """
 from __future__ import annotations
 
@@ -46,59 +48,202 @@ def test_every_cu_file_is_listed():
     assert sorted(p.name for p in CUDA_DIR.glob("*.cu")) == sorted(cb.SOURCES)
 
 
-def _instantiating_unit(source: str, tmp: Path) -> Path:
-    """A translation unit that includes ``source`` and takes the address of every
-    template instance, so nvcc emits each one (as NVRTC does for name expressions)."""
-    exprs = cb.name_expressions(source)
+def _instantiating_unit(path: Path, exprs, tmp: Path) -> Path:
+    """A translation unit that includes the .cu file ``path`` and takes the address of
+    every template instance in ``exprs``, so nvcc emits each one (as NVRTC does for name
+    expressions)."""
     body = ",\n    ".join(f"(void*)&{e}" for e in exprs)
-    unit = tmp / f"inst_{source}"
-    unit.write_text(f'#include "{CUDA_DIR / source}"\n\nvoid* gloro_instances[] = {{\n    {body}\n}};\n')
+    unit = tmp / f"inst_{path.name}"
+    unit.write_text(f'#include "{path}"\n\nvoid* gloro_instances[] = {{\n    {body}\n}};\n')
     return unit
 
 
 _PTXAS_FN = re.compile(r"Compiling entry function '(\w+)'")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^{]*)\{")
+_PTX_NTID = re.compile(r"\.(?:maxntid|reqntid)\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?")
+
+# Per block on sm_80 and sm_90: the register file a block may use, registers per thread,
+# static __shared__ (more needs dynamic shared memory and an opt-in attribute), threads.
+REGS_PER_BLOCK = 65536
+REGS_PER_THREAD = 255
+STATIC_SMEM_BYTES = 48 * 1024
+MAX_THREADS = 1024
 
 
 def _ptxas_report(ptx: Path, arch: str):
-    """{kernel: (registers, spill_store_bytes, spill_load_bytes)} from ``ptxas -v``."""
+    """{kernel: {regs, stack, spill_st, spill_ld, smem, threads}} from ``ptxas -v`` on
+    ``ptx``, and ptxas's error lines.  ``threads`` is the kernel's most threads per
+    block: its __launch_bounds__ (.maxntid in the PTX), else 1024 (any legal block)."""
     proc = subprocess.run(
         [PTXAS, f"-arch=sm_{arch}", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
         capture_output=True, text=True,
     )
-    assert proc.returncode == 0, proc.stderr
-    report, fn, spill = {}, None, None
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    if proc.returncode != 0 and not errors:
+        errors = [proc.stderr.strip() or f"ptxas exited with {proc.returncode}"]
+    threads = {}
+    for m in _PTX_ENTRY.finditer(ptx.read_text()):
+        if n := _PTX_NTID.search(m.group(2)):
+            threads[m.group(1)] = int(n.group(1)) * int(n.group(2) or 1) * int(n.group(3) or 1)
+    report, fn = {}, None
     for line in proc.stderr.splitlines():
         if m := _PTXAS_FN.search(line):
-            fn, spill = m.group(1), None
-        elif (m := _PTXAS_SPILL.search(line)) and fn:
-            spill = (int(m.group(1)), int(m.group(2)))
-        elif (m := _PTXAS_REGS.search(line)) and fn:
-            report[fn] = (int(m.group(1)),) + (spill or (0, 0))
-    return report
+            fn = m.group(1)
+            report[fn] = {"regs": 0, "stack": 0, "spill_st": 0, "spill_ld": 0, "smem": 0,
+                          "threads": threads.get(fn, MAX_THREADS), "bounded": fn in threads}
+        elif fn is None:
+            continue
+        if m := _PTXAS_FRAME.search(line):
+            report[fn].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        if m := _PTXAS_REGS.search(line):
+            report[fn]["regs"] = int(m.group(1))
+        if m := _PTXAS_SMEM.search(line):
+            report[fn]["smem"] = int(m.group(1))
+    return report, errors
+
+
+def _block_registers(regs: int, threads: int) -> int:
+    """Registers a block of ``threads`` takes: allocated per warp, in units of 256."""
+    return -(-threads // 32) * (-(-regs * 32 // 256) * 256)
+
+
+def _limit_violations(report, errors) -> list[str]:
+    """One line per kernel over a launch, register, shared-memory or spill limit."""
+    bad = [f"ptxas: {e}" for e in errors]
+    for fn, r in sorted(report.items()):
+        t = r["threads"]
+        if t > MAX_THREADS:
+            bad.append(f"{fn}: __launch_bounds__ {t} > {MAX_THREADS} threads per block")
+        if r["regs"] > REGS_PER_THREAD:
+            bad.append(f"{fn}: {r['regs']} registers per thread > {REGS_PER_THREAD}")
+        if (br := _block_registers(r["regs"], t)) > REGS_PER_BLOCK:
+            how = "its __launch_bounds__" if r["bounded"] else "no __launch_bounds__: any block up to 1024"
+            bad.append(f"{fn}: {r['regs']} registers x {t} threads ({how})"
+                       f" = {br} > {REGS_PER_BLOCK} registers per block: the launch would fail "
+                       f"(too many resources requested)")
+        if r["smem"] > STATIC_SMEM_BYTES:
+            bad.append(f"{fn}: {r['smem']} bytes of static shared memory > {STATIC_SMEM_BYTES}")
+        if r["spill_st"] or r["spill_ld"]:
+            bad.append(f"{fn}: spills {r['spill_st']}/{r['spill_ld']} bytes (stores/loads) to local memory")
+    return bad
+
+
+def _nvcc_ptx(path: Path, exprs, arch: str, tmp: Path):
+    unit = _instantiating_unit(path, exprs, tmp)
+    ptx = tmp / f"{path.name}.sm_{arch}.ptx"
+    proc = subprocess.run(
+        [NVCC, "--ptx", f"-arch=sm_{arch}", "-std=c++17", "-Werror", "all-warnings", "-o", str(ptx), str(unit)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, f"nvcc failed for {path.name} sm_{arch}:\n{proc.stderr}"
+    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
+    return ptx
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", cb.SOURCES)
-def test_nvcc_ptx_no_warnings_no_spills(source, arch, tmp_path):
-    unit = _instantiating_unit(source, tmp_path)
-    ptx = tmp_path / f"{source}.sm_{arch}.ptx"
-    proc = subprocess.run(
-        [NVCC, "--ptx", f"-arch=sm_{arch}", "-std=c++17", "-Werror", "all-warnings", "-o", str(ptx), str(unit)],
-        capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, f"nvcc failed for {source} sm_{arch}:\n{proc.stderr}"
-    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
-    report = _ptxas_report(ptx, arch)
-    n_expected = len(cb.name_expressions(source))
-    assert len(report) == n_expected, f"ptxas saw {len(report)} kernels, expected {n_expected}: {sorted(report)}"
-    print(f"\n{source} sm_{arch}: kernel registers spill-store/load bytes")
-    for fn, (regs, st, ld) in sorted(report.items()):
-        print(f"  {fn:60s} {regs:4d} {st:5d}/{ld}")
-    spilled = {fn: r for fn, r in report.items() if r[1] or r[2]}
-    assert not spilled, f"register spills: {spilled}"
+def test_nvcc_ptx_no_warnings_within_limits(source, arch, tmp_path):
+    """No warnings; every kernel instance within the launch, register and shared-memory
+    limits at its most threads per block, and no spills."""
+    exprs = cb.name_expressions(source)
+    report, errors = _ptxas_report(_nvcc_ptx(CUDA_DIR / source, exprs, arch, tmp_path), arch)
+    assert len(report) == len(exprs), f"ptxas saw {len(report)} kernels, expected {len(exprs)}: {sorted(report)}"
+    print(f"\n{source} sm_{arch}: kernel  registers  threads  block registers  smem bytes  spill store/load")
+    for fn, r in sorted(report.items()):
+        print(f"  {fn:60s} {r['regs']:4d} {r['threads']:5d} {_block_registers(r['regs'], r['threads']):6d} "
+              f"{r['smem']:6d} {r['spill_st']:5d}/{r['spill_ld']}")
+    bad = _limit_violations(report, errors)
+    assert not bad, "\n".join(bad)
+
+
+# Kernels over a limit on purpose: the check above must catch each one.
+OVER_LIMITS = r"""
+// 40 doubles live at once (about 90 registers): fine at 256 threads, not at 1024
+template <typename T>
+__global__ void register_hog(const T* __restrict__ a, T* __restrict__ b)
+{
+    T r[40];
+#pragma unroll
+    for (int i = 0; i < 40; ++i) r[i] = a[threadIdx.x + 1024 * i];
+    T s = 0;
+#pragma unroll
+    for (int i = 0; i < 40; ++i)
+#pragma unroll
+        for (int j = 0; j < 40; ++j) s += r[i] * r[(i * 7 + j) % 40];
+    b[threadIdx.x] = s;
+}
+
+// the same under __launch_bounds__(1024): ptxas caps it at 64 registers and spills
+template <typename T>
+__global__ void __launch_bounds__(1024) bounded_hog(const T* __restrict__ a, T* __restrict__ b)
+{
+    T r[40];
+#pragma unroll
+    for (int i = 0; i < 40; ++i) r[i] = a[threadIdx.x + 1024 * i];
+    T s = 0;
+#pragma unroll
+    for (int i = 0; i < 40; ++i)
+#pragma unroll
+        for (int j = 0; j < 40; ++j) s += r[i] * r[(i * 7 + j) % 40];
+    b[threadIdx.x] = s;
+}
+
+// the same at 256 threads: within every limit
+template <typename T>
+__global__ void __launch_bounds__(256) hog_at_256(const T* __restrict__ a, T* __restrict__ b)
+{
+    T r[40];
+#pragma unroll
+    for (int i = 0; i < 40; ++i) r[i] = a[threadIdx.x + 1024 * i];
+    T s = 0;
+#pragma unroll
+    for (int i = 0; i < 40; ++i)
+#pragma unroll
+        for (int j = 0; j < 40; ++j) s += r[i] * r[(i * 7 + j) % 40];
+    b[threadIdx.x] = s;
+}
+
+#ifdef BIG_SHARED
+__global__ void big_shared(float* a)  // 64 KiB of static shared memory
+{
+    __shared__ float s[16384];
+    s[threadIdx.x] = a[threadIdx.x];
+    __syncthreads();
+    a[threadIdx.x] = s[16383 - threadIdx.x];
+}
+#endif
+"""
+
+
+@needs_nvcc
+def test_limits_check_catches_kernels_over_limits(tmp_path):
+    src = tmp_path / "over_limits.cu"
+    src.write_text(OVER_LIMITS)
+    exprs = ["register_hog<double>", "bounded_hog<double>", "hog_at_256<double>"]
+    report, errors = _ptxas_report(_nvcc_ptx(src, exprs, "80", tmp_path), "80")
+    bad = _limit_violations(report, errors)
+    print("\n".join(bad))
+    hog = next(fn for fn in report if "register_hog" in fn)
+    assert report[hog]["regs"] > 64 and report[hog]["threads"] == 1024, report[hog]
+    want = (f"{hog}: {report[hog]['regs']} registers x 1024 threads (no __launch_bounds__: any block up to 1024) = "
+            f"{_block_registers(report[hog]['regs'], 1024)} > 65536 registers per block: the launch would fail "
+            f"(too many resources requested)")
+    assert [b for b in bad if "register_hog" in b] == [want], bad
+    assert any("bounded_hog" in b and "spills" in b for b in bad), bad
+    assert not [b for b in bad if "hog_at_256" in b], bad
+    assert len(bad) == 2, bad
+
+    big = tmp_path / "big_shared.cu"
+    big.write_text("#define BIG_SHARED\n" + OVER_LIMITS)
+    report, errors = _ptxas_report(_nvcc_ptx(big, ["hog_at_256<float>"], "90", tmp_path), "90")
+    bad = _limit_violations(report, errors)
+    print("\n".join(bad))
+    assert any("big_shared" in b and "uses too much shared data" in b for b in bad), bad
+    assert any("big_shared" in b and "65536 bytes of static shared memory > 49152" in b for b in bad), bad
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,11 +288,12 @@ def test_numba_kernel_compiles(name, dtype, tmp_path):
         return
     path = tmp_path / f"{name}_{dtype}.ptx"
     path.write_text(ptx)
-    report = _ptxas_report(path, "80")
+    report, errors = _ptxas_report(path, "80")
     assert len(report) == 1, report
-    (fn, (regs, st, ld)), = report.items()
-    print(f"\nnumba {name} {dtype}: {regs} registers, spill {st}/{ld} bytes")
-    assert st == 0 and ld == 0, f"numba kernel {name} {dtype} spills {st}/{ld} bytes"
+    (_, r), = report.items()
+    print(f"\nnumba {name} {dtype}: {r['regs']} registers, {r['threads']} threads, spill {r['spill_st']}/{r['spill_ld']} bytes")
+    bad = _limit_violations(report, errors)
+    assert not bad, "\n".join(bad)
 
 
 # ---------------------------------------------------------------- emulated execution
@@ -164,7 +310,12 @@ def emulated(tmp_path_factory):
 
     if cuda_emulator.GXX is None:
         pytest.skip("g++ not installed")
-    emu = cuda_emulator.Emulator(cuda_emulator.build(tmp_path_factory.mktemp("cuda_emu")))
+    # GLORO_EMU_SANITIZE=1: built with ASan and UBSan (test_cuda_emulator_strict runs these
+    # tests so in a child process that has the ASan runtime preloaded)
+    sanitize = os.environ.get("GLORO_EMU_SANITIZE") == "1"
+    if sanitize and "libasan" not in Path("/proc/self/maps").read_text():
+        pytest.fail("GLORO_EMU_SANITIZE=1 needs the ASan runtime preloaded (cuda_emulator.sanitizer_env())")
+    emu = cuda_emulator.Emulator(cuda_emulator.build(tmp_path_factory.mktemp("cuda_emu"), sanitize=sanitize))
     fake_cp = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, empty_like=np.empty_like,
                                     ascontiguousarray=np.ascontiguousarray, where=np.where)
     mp = pytest.MonkeyPatch()
