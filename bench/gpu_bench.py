@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -117,11 +119,25 @@ def bench_kernels(reps: int):
     return rows
 
 
+# largest |GPU - CPU| / max |CPU| a float32 GEMM row may show (K up to ~1e5 terms)
+RESULT_RTOL = 1e-4
+
+
+def _on_host(cp, fn):
+    """``fn`` (a CPU backend's op) called with the device arguments copied to the host."""
+    def call(*args):
+        return fn(*(cp.asnumpy(a) if isinstance(a, cp.ndarray) else a for a in args))
+    return call
+
+
 def _bench_ops(cp, registry, avail, label, ops, reps, mm_cache):
+    """One row per (op, GPU backend): time, GFLOP/s next to cupy.matmul, and the result
+    checked against the numpy backend on the same inputs (a row "error" past RESULT_RTOL)."""
     rows = []
     for op, ((m, nn, k), call) in ops.items():
         flops = 2.0 * m * nn * k
         ref = _matmul_gflops(cp, m, nn, k, reps, mm_cache)
+        want = None
         for be in BACKENDS:
             row = {"kind": "gemm", "layer": label, "op": op, "backend": be, "M": m, "N": nn, "K": k,
                    "matmul_gflops": ref}
@@ -130,9 +146,14 @@ def _bench_ops(cp, registry, avail, label, ops, reps, mm_cache):
             else:
                 fn = registry.get(op, be)
                 t0 = time.perf_counter()
-                call(fn)
-                cp.cuda.Device().synchronize()
+                got = cp.asnumpy(call(fn))
                 row["first_call_s"] = time.perf_counter() - t0  # includes NVRTC / numba compile
+                if want is None:
+                    want = call(_on_host(cp, registry.get(op, "numpy")))
+                err = float(np.max(np.abs(got.astype(np.float64) - want)) / max(float(np.max(np.abs(want))), 1e-30))
+                row["max_rel_err"] = err
+                if not err <= RESULT_RTOL:   # NaN fails too
+                    row["error"] = f"wrong result: max |gpu - numpy| / max |numpy| = {err:.3g} > {RESULT_RTOL:g}"
                 med, mn = _timer(cp, lambda: call(fn), reps)
                 row.update(ms=med, ms_min=mn, gflops=flops / (med * 1e-3) / 1e9)
                 row["pct_matmul"] = 100.0 * row["gflops"] / ref
@@ -404,16 +425,17 @@ def print_table(krows, trains=(), pytest_line=None):
         lines.append(f"pytest -m gpu: {pytest_line}")
     if any(r["kind"] == "gemm" for r in krows or []):
         lines.append(f"{'layer':10} {'op':20} {'backend':11} {'M x N x K':>22} {'ms':>8} {'GFLOP/s':>9} "
-                     f"{'matmul GF/s':>11} {'% matmul':>8}")
+                     f"{'matmul GF/s':>11} {'% matmul':>8} {'rel err':>8}")
     for r in krows or []:
         if r["kind"] != "gemm":
             continue
         shape = f"{r['M']}x{r['N']}x{r['K']}"
-        if "error" in r:
+        if "ms" not in r:
             lines.append(f"{r['layer']:10} {r['op']:20} {r['backend']:11} {shape:>22}   unavailable: {r['error'][:40]}")
             continue
         lines.append(f"{r['layer']:10} {r['op']:20} {r['backend']:11} {shape:>22} {r['ms']:8.3f} "
-                     f"{r['gflops']:9.1f} {r['matmul_gflops']:11.1f} {r['pct_matmul']:7.1f}%")
+                     f"{r['gflops']:9.1f} {r['matmul_gflops']:11.1f} {r['pct_matmul']:7.1f}% "
+                     f"{r['max_rel_err']:8.1e}" + ("  WRONG RESULT" if "error" in r else ""))
     fused = [r for r in krows or [] if r["kind"] == "fused"]
     if fused:
         lines.append(f"{'fused op':20} {'layer':10} {'backend':11} {'ms':>8} {'baseline ms':>11}  baseline")

@@ -266,8 +266,19 @@ class _Generator:
         return _wrapped(getattr(self._g, name))
 
 
+class _Random(_Namespace):
+    """cupy.random: its module-level draws take ``dtype`` (as NumPy's Generator's do)."""
+
+    _gen = np.random.default_rng()
+
+    def __getattr__(self, name):
+        if hasattr(self._gen, name):
+            return _wrapped(getattr(self._gen, name))
+        return super().__getattr__(name)
+
+
 linalg = _Namespace("cupy.linalg", np.linalg)
-random = _Namespace("cupy.random", np.random)
+random = _Random("cupy.random", np.random)
 random.default_rng = _Generator
 random.Generator = _Generator
 

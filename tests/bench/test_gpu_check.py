@@ -169,3 +169,22 @@ def test_bench_gpu_epoch_on_the_cupy_stand_in(gpu_bench, fake_gpu, tmp_path):
     assert res["op_calls"].get("conv2d_power_steps:cupy") == 3, res["op_calls"]
     assert res["op_calls"].get("dense_power_steps:cupy") == 6, res["op_calls"]
     assert "epoch_s" in res and np.isfinite(res["loss"])
+
+
+@pytest.mark.gpu_emulated
+def test_kernel_rows_check_results(gpu_bench, fake_gpu, monkeypatch):
+    """Each GEMM row of the kernel benchmark compares the GPU result with the numpy backend:
+    a right kernel passes, a wrong one makes the row an error (and `kernels` exit 1)."""
+    from kernels import registry
+
+    rng = np.random.default_rng(0)
+    x, w, b = (fake_gpu.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((8, 40), (12, 40), (12,)))
+    ops = {"dense": ((8, 12, 40), lambda f: f(x, w, b))}
+    avail = {"cupy": None, "numba_cuda": "not here"}
+    good = gpu_bench._bench_ops(fake_gpu, registry, avail, "tiny", ops, 1, {})
+    assert good[0]["backend"] == "cupy" and "error" not in good[0] and good[0]["max_rel_err"] < 1e-6, good
+    real = registry.get
+    monkeypatch.setattr(registry, "get", lambda op, be: (lambda *a: real(op, be)(*a) * 1.01) if be == "cupy" else real(op, be))
+    bad = gpu_bench._bench_ops(fake_gpu, registry, avail, "tiny", ops, 1, {})
+    assert "wrong result" in bad[0]["error"] and bad[0]["max_rel_err"] > 5e-3, bad
+    gpu_bench.print_table(bad)
