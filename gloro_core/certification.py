@@ -1,14 +1,19 @@
 """Certification of a GloRo net: the frozen K, two rigorous rounding bounds, the ⊥ decision.
 
 A :class:`Certifier` belongs to one GloroNet (``net.certifier``) and reads its layers,
-activation and head; it keeps what is frozen between calls:
+activation and head. Everything it derives from the parameters is cached under one key, the
+parameters' version (:meth:`Certifier.weights_version`: a digest of every weight and bias,
+taken once when they change), and dropped together when it changes:
 
+* each layer's provable float64 bound, per ``provable_method``;
 * the frozen Lipschitz numbers (:meth:`Certifier.update_lipschitz`: every iterate
-  converged by the float64 power method, and each layer's provable float64 bound),
-  recomputed when a weight changes (an exact compare with a snapshot of the weights;
-  the provable bounds are cached per layer on a hash of its weight);
-* the pairwise K_ij of the head (:meth:`Certifier.pair_k`) per (variant, bound);
-* the constants of the norm-wise rounding bound (rounding.py), also keyed on the biases.
+  converged by the float64 power method, and the provable bounds), and with them the
+  pairwise K_ij of the head (:meth:`Certifier.pair_k`) per (variant, bound) and the
+  constants of the norm-wise rounding bound (rounding.py).
+
+A call finds out whether the parameters changed by an exact compare with a copy of them
+(the optimizer updates them in place; a compare costs ~10x less than a digest), once per
+call; a change of any weight or bias, in any layer, refreshes everything.
 
 What a certificate means: the network evaluated in exact real arithmetic with the stored
 weights, f, satisfies argmax f(x') = j for every ||x' - x||_2 <= eps. The forward pass
@@ -40,35 +45,40 @@ class Certifier:
 
     def __init__(self, net):
         self.net = net
-        self.frozen = None          # dict of frozen Lipschitz numbers (see update_lipschitz)
         self.provable_method = "auto"
+        self.tol = 1e-5             # of the last update_lipschitz: automatic refreshes keep it
         self.last = None            # what the last certificate rests on (net.last_certification)
-        self._provable_cache = {}   # layer index -> (weight digest, bound, method)
-        self._rounding_cache = None
+        # the one cache: {"version": digest, "params": copies of what it digests, "provable":
+        # {provable_method: [(bound, how found)] per layer}, "frozen": see update_lipschitz, or None}
+        self._cache = None
 
-    def _weights(self):
-        return [layer.weight.data for layer in self.net.weighted]
+    @property
+    def frozen(self):
+        """The frozen numbers of the cached version (None before the first freeze)."""
+        return self._cache["frozen"] if self._cache is not None else None
 
-    def _weight_digest(self, i) -> str:
-        layer = self.net.layers[i]
-        if not layer.parametric:
-            return repr(layer.spec)
-        w = np.ascontiguousarray(to_host(layer.effective_weight()))
-        return hashlib.blake2b(w.tobytes(), digest_size=16).hexdigest() + str(w.dtype) + str(w.shape)
+    def _params(self) -> list:
+        """Every parameter array, weights and biases (biases enter the rounding bound)."""
+        return [p.data for layer in self.net.weighted for p in (layer.weight, layer.bias)]
 
-    def _unchanged(self, arrays, snapshot) -> bool:
-        """True if every array still equals its ``snapshot`` copy exactly (the frozen
-        numbers are stale otherwise; an exact compare costs ~10x less than re-hashing)."""
-        xp = self.net.xp
-        return all(is_gpu_array(a) == is_gpu_array(s) and a.shape == s.shape and a.dtype == s.dtype
-                   and bool(xp.array_equal(a, s)) for a, s in zip(arrays, snapshot))
+    def _current(self) -> dict:
+        """The cache for the current parameters: the cached one if they still equal its
+        copies exactly, else a new, empty one under their new version."""
+        params, c, xp = self._params(), self._cache, self.net.xp
+        if c is not None and all(is_gpu_array(a) == is_gpu_array(b) and a.shape == b.shape and a.dtype == b.dtype
+                                 and bool(xp.array_equal(a, b)) for a, b in zip(params, c["params"])):
+            return c
+        copies = [a.copy() for a in params]
+        h = hashlib.blake2b(digest_size=16)
+        for a in copies:
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(to_host(a)))  # buffer protocol: no copy on the host
+        self._cache = {"version": h.hexdigest(), "params": copies, "provable": {}, "frozen": None}
+        return self._cache
 
     def weights_version(self) -> str:
-        """A hash of every weight (biases do not enter K): the frozen-K cache key."""
-        h = hashlib.blake2b(digest_size=16)
-        for w in self._weights():
-            h.update(np.ascontiguousarray(to_host(w)))  # buffer protocol: no copy
-        return h.hexdigest()
+        """A digest of every weight and bias: the key of every cached number."""
+        return self._current()["version"]
 
     # ------------------------------------------------------------------ frozen K
     def update_lipschitz(self, tol=1e-5, max_iter=DEFAULT_MAX_ITER, provable=True, provable_method=None):
@@ -76,13 +86,15 @@ class Certifier:
 
         provable_method for convs: "auto" (default: the exact norm of the explicit operator
         where it is small, see bounds.conv_provable_bound, else the FFT bound), "fft" or
-        "explicit"; it sticks for later automatic refreshes. Provable bounds are cached per
-        layer on a hash of its weight (and the method). Returns lipschitz().
+        "explicit"; it sticks for later automatic refreshes, as tol does. Provable bounds are
+        cached per method under the parameters' version. Returns lipschitz().
         """
         if provable_method is not None:
             if provable_method not in ("auto", "fft", "explicit"):
                 raise ValueError(f"provable_method must be 'auto', 'fft' or 'explicit', got {provable_method!r}")
             self.provable_method = provable_method
+        self.tol = float(tol)
+        cache = self._current()
         power, iters, conv = [], [], []
         for layer in self.net.layers:
             if not layer.parametric:   # a fixed operator's norm is known exactly: nothing to estimate
@@ -95,30 +107,26 @@ class Certifier:
             power.append(s)
             iters.append(it)
             conv.append(ok)
-        prov, methods = [], []
-        for i, layer in enumerate(self.net.layers):
-            if not provable:
-                prov.append(float("nan"))
-                methods.append("none")
-                continue
-            dig = self._weight_digest(i) + self.provable_method
-            hit = self._provable_cache.get(i)
-            if hit is None or hit[0] != dig:
-                bound, method = layer.provable(to_host(layer.effective_weight()), self.provable_method)
-                hit = (dig, bound, method)
-                self._provable_cache[i] = hit
-            prov.append(hit[1])
-            methods.append(hit[2])
-        self.frozen = {
-            "version": self.weights_version(),
-            "weights": [w.copy() for w in self._weights()],  # what "version" hashes
+        if not provable:
+            pairs = [(float("nan"), "none")] * len(power)
+        else:
+            pairs = cache["provable"].get(self.provable_method)
+            if pairs is None:   # [(bound, how it was found)] per layer
+                pairs = cache["provable"][self.provable_method] = [
+                    layer.provable(to_host(layer.effective_weight()), self.provable_method)
+                    for layer in self.net.layers]
+        prov, methods = [b for b, _ in pairs], [m for _, m in pairs]
+        cache["frozen"] = {
+            "version": cache["version"],
             "power": power,
             "provable": prov,
             "methods": methods,
             "power_iters": iters,
             "converged": conv,
-            "tol": float(tol),
-            "pair_k": {},  # (variant, bound) -> pair_k(k_sub); the last layer is in "weights"
+            "tol": self.tol,
+            # derived from the numbers above (and the parameters), filled on first use
+            "pair_k": {},  # (variant, bound) -> pair_k(k_sub)
+            "rounding": None,   # per-layer constants of the norm-wise bound
             # K_sub as (mantissa, exponent), rounded up: np.prod underflows to 0 (and a
             # certificate with K = 0 has an infinite radius); the floats are for reports
             "k_sub_scaled": {"power": bounds.product_up(power[:-1]),
@@ -129,10 +137,10 @@ class Certifier:
         return self.lipschitz()
 
     def fresh_frozen(self):
-        """The frozen numbers, recomputed when the weights changed since they were frozen."""
-        if self.frozen is None or not self._unchanged(self._weights(), self.frozen["weights"]) or \
-                any(m == "none" for m in self.frozen["methods"]):
-            self.update_lipschitz(tol=self.frozen["tol"] if self.frozen else 1e-5)
+        """The frozen numbers of the current parameters, frozen anew when any changed."""
+        fr = self._current()["frozen"]
+        if fr is None or any(m == "none" for m in fr["methods"]):
+            self.update_lipschitz(tol=self.tol)
         return self.frozen
 
     def lipschitz(self, bound="provable") -> dict:
@@ -233,12 +241,9 @@ class Certifier:
         return y, rounding.logit_error_bound(self._rounding_constants(fr), sq, e_in)
 
     def _rounding_constants(self, fr):
-        """Per-layer constants of the norm-wise bound, cached with the frozen numbers."""
-        # biases enter the rounding bound (not K): the cache also keeps a copy of them
-        key = (fr["version"], tuple(fr["provable"]), tuple(fr["power"]))
-        biases = [layer.bias.data for layer in self.net.weighted]
-        cached = self._rounding_cache
-        if cached is None or cached[0] != key or not self._unchanged(biases, cached[2]):
+        """Per-layer constants of the norm-wise bound, cached in ``fr`` (the frozen numbers of
+        the current parameters, from :meth:`fresh_frozen`)."""
+        if fr["rounding"] is None:
             last = len(self.net.layers) - 1
             consts = []
             for i, layer in enumerate(self.net.layers):
@@ -246,8 +251,8 @@ class Certifier:
                 p = fr["power"][i]
                 sigma = max(fr["provable"][i], p) if math.isfinite(p) else fr["provable"][i]
                 consts.append(layer.rounding_constants(sigma, self.net.dtype, last=i == last))
-            cached = self._rounding_cache = (key, consts, [b.copy() for b in biases])
-        return cached[1]
+            fr["rounding"] = consts
+        return fr["rounding"]
 
     def certify_core(self, x, eps, bound, tight_rows="open"):
         """The ⊥ logit, certification and radii under two rigorous rounding bounds.

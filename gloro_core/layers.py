@@ -42,7 +42,7 @@ from kernels import registry
 from kernels.checks import check_conv, check_stride, conv_out_hw, resolve_padding
 from kernels.registry import array_module, to_host
 from nn import functions as F
-from nn.layers import Module
+from nn.module import Module
 from nn.tensor import Parameter, Tensor, no_grad
 
 from . import bounds, rounding

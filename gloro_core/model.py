@@ -274,7 +274,7 @@ class GloroNet:
         return self.certifier.certify(x, eps, bound, tight_radius)
 
     def weights_version(self) -> str:
-        """A hash of every weight (biases do not enter K): the frozen-K cache key."""
+        """A digest of every weight and bias: the key of every number certification caches."""
         return self.certifier.weights_version()
 
     @property

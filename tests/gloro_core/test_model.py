@@ -51,6 +51,23 @@ def test_minmax_odd_width_and_bad_options():
             _net(eps=eps)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "glorot"])
+def test_init_reaches_every_layer(init):
+    """The layers take their weights from nn.init: orthonormal rows or columns of the
+    (out, in*kh*kw) matrix, or Glorot's U(-l, l); biases start at zero."""
+    net = _net(init=init)
+    for w, b in net.params:
+        m = w.data.reshape(w.shape[0], -1).astype(np.float64)
+        if init == "orthogonal":
+            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+            np.testing.assert_allclose(gram, np.eye(min(m.shape)), atol=1e-5)
+        else:
+            taps = int(np.prod(w.shape[2:]))   # 1 for a dense weight
+            limit = np.sqrt(6.0 / ((w.shape[0] + w.shape[1]) * taps))
+            assert np.abs(m).max() <= limit and np.abs(m).max() > 0.5 * limit
+        np.testing.assert_array_equal(b.data, 0.0)
+
+
 def test_bad_inputs():
     rng = np.random.default_rng(0)
     net = _net()

@@ -278,6 +278,18 @@ def test_conv2d_grad(rng, cpu_backend, xs, wk, stride, padding):
     check_backward(lambda x, w: F.conv2d(x, w, None, stride, padding), [x, w], rng=rng)
 
 
+@pytest.mark.parametrize("xs,wk,stride,padding,out_hw", [
+    ((2, 3, 9, 7), (8, 4, 4), 2, "same", (5, 4)),     # SAME: ceil(H / stride)
+    ((1, 3, 6, 6), (5, 3, 2), 1, "valid", (4, 5)),    # VALID, a non-square kernel
+    ((1, 3, 6, 6), (5, 3, 3), 2, 1, (3, 3)),          # explicit padding
+])
+def test_conv2d_output_shape_and_dtype(rng, xs, wk, stride, padding, out_hw):
+    x = Tensor(rng.standard_normal(xs).astype(np.float32))
+    w = Tensor(rng.standard_normal((wk[0], xs[1], wk[1], wk[2])).astype(np.float32))
+    y = F.conv2d(x, w, Tensor(np.zeros(wk[0], np.float32)), stride, padding)
+    assert y.shape == (xs[0], wk[0]) + out_hw and y.dtype == np.float32
+
+
 def test_conv2d_elementwise_small(rng):
     x, w, b = rng.standard_normal((1, 2, 4, 5)), rng.standard_normal((2, 2, 3, 3)), rng.standard_normal(2)
     check_backward_elementwise(lambda x, w, b: F.conv2d(x, w, b, 2, "same"), [x, w, b], rng=rng)
