@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-steps", default="50%,75%",
                    help="step: epochs or percentages of the run where lr is multiplied by --lr-gamma")
     t.add_argument("--lr-gamma", type=float, default=0.1, help="step: the factor at each step")
-    t.add_argument("--lr-warmup", type=_nonneg_float, default=0.0,
-                   help="epochs of linear lr warm-up (any schedule)")
+    t.add_argument("--lr-warmup", type=_epochs_arg, default="0",
+                   help="epochs (or a percentage of --epochs) of linear lr warm-up (any schedule)")
     t.add_argument("--lr-lag", type=_nonneg_float, default=0.0,
                    help="the lr of epoch t is the schedule's at t - LAG (the authors' Keras "
                         "callback lags 1 epoch)")
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "stays on the validation split; the test set is evaluated once at the "
                         "end anyway)")
     t.add_argument("--recipe", default=None,
-                   help="a named preset (see --recipe list); flags given here override it")
+                   help="a named preset (--recipe list prints them); flags given on the "
+                        "command line override it")
     t.add_argument("--warmup", type=_epochs_arg, default="0",
                    help="epochs (or a percentage of --epochs, e.g. 2.5%%) of standard training first")
     t.add_argument("--power-iters", type=int, default=10,
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=_pos_int, default=500)
     a.add_argument("--json", action="store_true")
 
+    ap.train_parser = t   # recipes re-parse train's arguments with it
     k = sub.add_parser("lipschitz", help="Lipschitz upper and empirical lower bounds",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     k.add_argument("checkpoint")
@@ -326,25 +328,34 @@ def _print(result: dict, as_json: bool, title: str):
 
 # ---------------------------------------------------------------- commands
 
-def cmd_train(args) -> int:
-    from .train import TrainConfig, TrainingDiverged, train
+def train_config(args):
+    """TrainConfig from train's parsed arguments; 'P%' epochs resolved against --epochs."""
+    from .train import TrainConfig
 
-    warmup = args.warmup
-    warmup = (round(float(warmup[:-1]) / 100 * args.epochs) if str(warmup).endswith("%")
-              else int(warmup))
-    cfg = TrainConfig(
+    def epochs_of(v):  # 'N' or 'P%' of --epochs
+        return float(v[:-1]) / 100 * args.epochs if str(v).endswith("%") else float(v)
+
+    return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
         activation=args.activation, init=args.init, eps=args.eps, train_eps=args.train_eps,
         eps_schedule=args.eps_schedule, loss=args.loss, lam=args.lam, epochs=args.epochs,
         batch=args.batch, lr=args.lr, lr_schedule=args.lr_decay, lr_lb=args.lr_lb,
-        lr_steps=args.lr_steps, lr_gamma=args.lr_gamma, lr_warmup=args.lr_warmup,
+        lr_steps=args.lr_steps, lr_gamma=args.lr_gamma, lr_warmup=epochs_of(args.lr_warmup),
         lr_lag=args.lr_lag, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         converge_start=args.converge_start, val=args.val, test_every_epoch=args.test_every_epoch,
-        warmup=warmup, power_iters=args.power_iters, augment=args.augment,
+        warmup=round(epochs_of(args.warmup)), power_iters=args.power_iters, augment=args.augment,
         seed=args.seed, out=args.out, limit=args.limit, test_limit=args.test_limit,
         progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,
         synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after,
         device=args.device)
+
+
+def cmd_train(args) -> int:
+    from .train import TrainingDiverged, train
+
+    if getattr(args, "recipe_note", None):
+        print(args.recipe_note, flush=True)
+    cfg = train_config(args)
     print(f"train: {json.dumps(cfg.to_json())}", flush=True)
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite,
@@ -483,8 +494,31 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "attack": cmd_attack,
             "lipschitz": cmd_lipschitz}
 
 
+def _with_recipe(parser, argv, args):
+    """args re-parsed with the recipe's flags first (gloro_core.recipes); None: --recipe list."""
+    from . import recipes
+
+    if args.recipe == "list":
+        print(recipes.listing())
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("train") + 1:]
+    new, note = recipes.apply(parser.train_parser, rest)
+    new.command, new.recipe_note = "train", note
+    return new
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.recipe is not None:
+        try:
+            args = _with_recipe(parser, argv, args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args is None:
+            return 0
     from kernels.registry import default_backend
 
     try:
