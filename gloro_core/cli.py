@@ -58,6 +58,28 @@ def _pos_float(text: str) -> float:
     return v
 
 
+def _val_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text!r}")
+    return v
+
+
+def _epochs_arg(text: str) -> str:
+    """'N' or 'P%' (resolved against --epochs in cmd_train)."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) if t.endswith("%") else int(t)
+    except ValueError:
+        v = -1
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected epochs >= 0 or a percentage, got {text!r}")
+    return t
+
+
 def _shape(text: str) -> tuple:
     try:
         s = tuple(int(v) for v in text.split(","))
@@ -107,14 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eps", type=float, default=0.3, help="eps_test (evaluation radius, l2)")
     t.add_argument("--train-eps", type=float, default=None, help="eps_train (default: --eps)")
     t.add_argument("--eps-schedule", default="single", help="single | log | x,y,e")
-    t.add_argument("--loss", default="ce", choices=["ce", "trades"])
+    t.add_argument("--loss", default="ce", choices=["ce", "trades", "emma"],
+                   help="GloRo CE on the m+1 logits, TRADES, or EMMA (per-class label margins)")
     t.add_argument("--lam", default="1.0", help="TRADES lambda: constant or x,y,e")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch", type=int, default=256)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--lr-decay", default="fixed", choices=["fixed", "decay_to_lb"])
-    t.add_argument("--lr-lb", type=float, default=1e-6, help="lower bound for decay_to_lb")
-    t.add_argument("--warmup", type=int, default=0, help="epochs of standard training first")
+    t.add_argument("--lr-decay", default="fixed", choices=["fixed", "decay_to_lb", "cosine", "step"])
+    t.add_argument("--lr-lb", type=float, default=1e-6,
+                   help="the lr decay_to_lb reaches, and cosine's floor")
+    t.add_argument("--lr-steps", default="50%,75%",
+                   help="step: epochs or percentages of the run where lr is multiplied by --lr-gamma")
+    t.add_argument("--lr-gamma", type=float, default=0.1, help="step: the factor at each step")
+    t.add_argument("--lr-warmup", type=_epochs_arg, default="0",
+                   help="epochs (or a percentage of --epochs) of linear lr warm-up (any schedule)")
+    t.add_argument("--lr-lag", type=_nonneg_float, default=0.0,
+                   help="the lr of epoch t is the schedule's at t - LAG (the authors' Keras "
+                        "callback lags 1 epoch)")
+    t.add_argument("--weight-decay", type=_nonneg_float, default=0.0,
+                   help="decoupled (AdamW) weight decay")
+    t.add_argument("--grad-clip", type=_pos_float, default=None,
+                   help="clip the gradients' global l2 norm to this")
+    t.add_argument("--converge-start", action="store_true",
+                   help="converge the power iterates before the first step (authors' code)")
+    t.add_argument("--val", type=_val_count, default=5000,
+                   help="validation points held out of the training set (stratified, from "
+                        "--seed); best.npz is chosen on them. 0: choose on the test set (warned)")
+    t.add_argument("--test-every-epoch", action="store_true",
+                   help="also evaluate the test set every epoch, for the curves (selection "
+                        "stays on the validation split; the test set is evaluated once at the "
+                        "end anyway)")
+    t.add_argument("--recipe", default=None,
+                   help="a named preset (--recipe list prints them); flags given on the "
+                        "command line override it")
+    t.add_argument("--warmup", type=_epochs_arg, default="0",
+                   help="epochs (or a percentage of --epochs, e.g. 2.5%%) of standard training first")
     t.add_argument("--power-iters", type=int, default=10,
                    help="power iterations per step (paper: 10 MNIST, 5 CIFAR-10)")
     t.add_argument("--augment", type=_bool, default=None,
@@ -159,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=_pos_int, default=500)
     a.add_argument("--json", action="store_true")
 
+    ap.train_parser = t   # recipes re-parse train's arguments with it
     k = sub.add_parser("lipschitz", help="Lipschitz upper and empirical lower bounds",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     k.add_argument("checkpoint")
@@ -282,21 +332,36 @@ def _print(result: dict, as_json: bool, title: str):
 
 # ---------------------------------------------------------------- commands
 
-def cmd_train(args) -> int:
-    from .train import TrainConfig, TrainingDiverged, train
+def train_config(args):
+    """TrainConfig from train's parsed arguments; 'P%' epochs resolved against --epochs."""
+    from .train import TrainConfig
 
-    cfg = TrainConfig(
+    def epochs_of(v):  # 'N' or 'P%' of --epochs
+        return float(v[:-1]) / 100 * args.epochs if str(v).endswith("%") else float(v)
+
+    return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
         activation=args.activation, init=args.init, eps=args.eps, train_eps=args.train_eps,
         eps_schedule=args.eps_schedule, loss=args.loss, lam=args.lam, epochs=args.epochs,
         batch=args.batch, lr=args.lr, lr_schedule=args.lr_decay, lr_lb=args.lr_lb,
-        warmup=args.warmup, power_iters=args.power_iters, augment=args.augment,
+        lr_steps=args.lr_steps, lr_gamma=args.lr_gamma, lr_warmup=epochs_of(args.lr_warmup),
+        lr_lag=args.lr_lag, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        converge_start=args.converge_start, val=args.val, test_every_epoch=args.test_every_epoch,
+        warmup=round(epochs_of(args.warmup)), power_iters=args.power_iters, augment=args.augment,
         seed=args.seed, out=args.out, limit=args.limit, test_limit=args.test_limit,
         progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,
         synthetic_shape=args.synthetic_shape or (1, 28, 28), stop_after=args.stop_after,
         device=args.device)
+
+
+def cmd_train(args) -> int:
+    from .train import TrainingDiverged, train
+
     comm = _comm()
+    cfg = train_config(args)
     if comm.rank == 0:
+        if getattr(args, "recipe_note", None):
+            print(args.recipe_note, flush=True)
         print(f"train: {json.dumps(cfg.to_json())}", flush=True)
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite,
@@ -462,8 +527,31 @@ def _comm():
     return world()
 
 
+def _with_recipe(parser, argv, args):
+    """args re-parsed with the recipe's flags first (gloro_core.recipes); None: --recipe list."""
+    from . import recipes
+
+    if args.recipe == "list":
+        print(recipes.listing())
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("train") + 1:]
+    new, note = recipes.apply(parser.train_parser, rest)
+    new.command, new.recipe_note = "train", note
+    return new
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.recipe is not None:
+        try:
+            args = _with_recipe(parser, argv, args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args is None:
+            return 0
     from kernels.registry import default_backend
 
     from .distributed import fail

@@ -9,6 +9,10 @@ Basic variant  (Sec. 2.2):  y_⊥ = max_{i≠j} y_i + eps * (K_i + K_j),  K_i = 
 The j entry is excluded by index (an -inf mask on position j), so two tied top logits
 give y_⊥ >= y_j, never a false "certified". ||w_j - w_j|| = 0 is never differentiated:
 the j row of the difference is replaced by a constant before the norm.
+
+Losses: ``gloro_ce`` (Sec. 4.1), ``trades`` (Def. 3) and ``emma`` (Hu et al., NeurIPS 2023).
+The generic softmax cross-entropy and KL divergence are ``nn.losses``'; this module only
+builds the GloRo-specific logits and targets.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 
 from kernels.registry import array_module, to_host
 from nn import functions as F
-from nn.losses import softmax_cross_entropy
+from nn.losses import kl_divergence, softmax_cross_entropy
 from nn.tensor import Tensor, make_result
 
 VARIANTS = ("margin", "basic")
@@ -168,11 +172,11 @@ def gloro_ce(gl: Tensor, labels) -> Tensor:
 
 
 def trades(y: Tensor, gl: Tensor, labels, lam: float, form: str = "kl") -> Tensor:
-    """TRADES (Def. 3): CE(f(x), y) + lam * L(f̄(x), softmax(f(x)) with 0 for ⊥).
+    """TRADES (Def. 3): CE(f(x), y) + lam * L(f̄(x), p), p = softmax(f(x)) with 0 for ⊥.
 
-    form "kl": KL(p || q) = sum_i p_i (log p_i - log q_i), p = softmax(y) over the m
-    classes (p_⊥ = 0 contributes nothing), q = softmax(gl); "ce": -sum_i p_i log q_i.
-    The gradient flows through both p and q.
+    form "kl": KL(p || softmax(gl)) (the ⊥ entry, p_⊥ = 0, contributes nothing);
+    "ce": -sum_i p_i log softmax(gl)_i. The gradient flows through both p and gl.
+    y (n, m) logits, gl (n, m+1) GloRo logits.
     """
     if form not in ("kl", "ce"):
         raise ValueError(f"trades_form must be 'kl' or 'ce', got {form!r}")
@@ -180,11 +184,55 @@ def trades(y: Tensor, gl: Tensor, labels, lam: float, form: str = "kl") -> Tenso
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     n, m = y.shape
     clean = cross_entropy(y, labels)
-    lp = F.log_softmax(y, axis=1)
-    p = F.exp(lp)
-    lq = F.log_softmax(gl, axis=1)[:, :m]
-    if form == "kl":
-        rob = F.mean(F.sum(p * (lp - lq), axis=1))
-    else:
-        rob = -F.mean(F.sum(p * lq, axis=1))
+    xp = array_module(y.data)
+    p = F.concatenate([F.softmax(y, axis=1), Tensor(xp.zeros((n, 1), dtype=y.dtype))], axis=1)
+    rob = kl_divergence(p, gl) if form == "kl" else softmax_cross_entropy(gl, p)
     return clean + rob * float(lam)
+
+
+# EMMA's lower clip of the per-class radius (a fraction of eps), as in the authors' code
+EMMA_MIN_FRACTION = 0.01
+
+
+def emma_fraction(y, kli, eps: float, labels):
+    """clip((y_l - y_i) / (eps K_li), 0.01, 1) as a constant array (n, m) of y's dtype.
+
+    y (n, m) logits (Tensor or array), kli (n, m) the pair constants (0 at the label)."""
+    yd = y.data if isinstance(y, Tensor) else y
+    kd = kli.data if isinstance(kli, Tensor) else kli
+    xp = array_module(yd)
+    n = yd.shape[0]
+    gap = yd[xp.arange(n), xp.asarray(labels)][:, None] - yd                     # y_l - y_i
+    ratio = gap / xp.maximum(kd * yd.dtype.type(eps), yd.dtype.type(1e-8))
+    return xp.clip(ratio, EMMA_MIN_FRACTION, 1.0).astype(yd.dtype)
+
+
+def emma_logits(y: Tensor, w_last: Tensor, k_sub, eps: float, labels, frac=None) -> Tensor:
+    """EMMA's logits (n, m) (Hu, Zou, Wang, Leino, Fredrikson, NeurIPS 2023; hukkai/liresnet
+    models/margin_layer.py emma_loss): every class i != label l gets its own boost
+
+        y~_i = y_i + eps_i K_li,   K_li = K_sub ||w_l - w_i||,
+        eps_i = eps * clip((y_l - y_i) / (eps K_li), 0.01, 1)   (a constant: no gradient)
+
+    i.e. the class is pushed by the worst case within min(eps, its own distance to the
+    label's boundary); y~_l = y_l. Margins use the *label*, not the predicted class.
+    ``frac`` (n, m) replaces the computed clip(...) (tests hold it fixed for finite
+    differences, as the gradient does).
+    """
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    n, m = y.shape
+    lab = _labels(labels, n, m)
+    xp = array_module(y.data)
+    is_l = np.zeros((n, m), dtype=bool)
+    is_l[np.arange(n), lab] = True
+    is_l = xp.asarray(is_l)
+    kli = F.where(is_l, np.zeros((), dtype=y.dtype), pair_norms(w_last, lab) * k_sub)  # (n, m)
+    if frac is None:
+        frac = emma_fraction(y, kli, eps, lab)
+    return y + kli * (xp.asarray(frac, dtype=y.dtype) * y.dtype.type(eps))
+
+
+def emma(y: Tensor, w_last: Tensor, k_sub, eps: float, labels) -> Tensor:
+    """EMMA loss: mean softmax CE of ``emma_logits`` against the labels (no ⊥ column)."""
+    return cross_entropy(emma_logits(y, w_last, k_sub, eps, labels), labels)

@@ -219,10 +219,11 @@ class GloroNet:
         power steps first.
 
         loss "ce": CE on the m+1 GloRo logits; "trades": CE(f(x), y) + lam * L(f̄(x), softmax f(x))
-        with L = KL (trades_form="kl") or CE ("ce").
+        with L = KL (trades_form="kl") or CE ("ce"); "emma": CE on EMMA's per-class
+        label-based margins (losses.emma_logits).
         """
-        if loss not in ("ce", "trades"):
-            raise ValueError(f"loss must be 'ce' or 'trades', got {loss!r}")
+        if loss not in ("ce", "trades", "emma"):
+            raise ValueError(f"loss must be 'ce', 'trades' or 'emma', got {loss!r}")
         eps = self.eps_train if eps is None else check_eps(eps)
         iters = self.power_iters if power_iters is None else int(power_iters)
         xd, _ = self._check_x(x)
@@ -230,6 +231,8 @@ class GloroNet:
         if iters:
             self.power_update(iters)
         f = self.forward(Tensor(xd))
+        if loss == "emma":
+            return losses.emma(f, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, lab)
         gl = losses.gloro_logits(f, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, self.variant)
         if loss == "ce":
             return losses.gloro_ce(gl, lab)

@@ -25,11 +25,14 @@ def plot_training(history: list[dict], path: str) -> str:
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
     ax[0, 0].plot(ep, [m["loss"] for m in history], "o-")
     ax[0, 0].set_title("training loss")
-    for key, label in (("clean_acc", "clean acc"), ("vra", "VRA"), ("rejection", "rejected")):
-        ax[0, 1].plot(ep, [m[key] for m in history], "o-", label=label)
+    for split, style in (("val", "o-"), ("test", "s--")):   # test: with --val 0 or --test-every-epoch
+        for key, label in (("clean_acc", "clean acc"), ("vra", "VRA"), ("rejection", "rejected")):
+            pts = [(m["epoch"], m[f"{split}_{key}"]) for m in history if f"{split}_{key}" in m]
+            if pts:
+                ax[0, 1].plot(*zip(*pts), style, label=f"{split} {label}")
     ax[0, 1].set_ylim(0, 1)
     ax[0, 1].legend()
-    ax[0, 1].set_title("test set")
+    ax[0, 1].set_title("validation and test sets")
     ax[1, 0].plot(ep, [m["k_sub"] for m in history], "o-")
     ax[1, 0].set_title("K_sub (converged)")
     ax[1, 1].semilogy(ep, [m["lr"] for m in history], "o-", label="lr")

@@ -35,7 +35,7 @@ except ImportError:  # not POSIX: refused in RunDir._lock rather than run unlock
     fcntl = None
 
 LOCK = ".lock"
-OUTPUTS = ("last.npz", "best.npz", "metrics.jsonl", "metrics.csv", "curves.png")
+OUTPUTS = ("last.npz", "best.npz", "metrics.jsonl", "metrics.csv", "curves.png", "test.json")
 RESUME_FROM = "last.npz"  # the checkpoint ``resume`` continues from
 # checkpoint.save_npz's temporary files, and the write probe below
 ORPHANS = (".tmp-*.npz", ".tmp-probe-*")

@@ -9,7 +9,9 @@ from it continues exactly as the uninterrupted run would have.
 Output directory layout::
 
     last.npz      checkpoint at the end of the latest finished epoch (atomic replace)
-    best.npz      checkpoint of the epoch with the highest VRA so far
+    best.npz      checkpoint of the epoch with the highest validation VRA so far (``--val``;
+                  with ``--val 0``, the highest test VRA, with a warning)
+    test.json     the test set evaluated once on best.npz when training ends (``selection``)
     metrics.jsonl one JSON object per epoch
     metrics.csv   the same, as CSV
     curves.png    training curves (``plot=True``)
@@ -32,15 +34,18 @@ import zipfile
 
 import numpy as np
 
+from nn.optim import clip_grad_norm
+
 from . import data as data_mod
-from . import distributed, metrics, parallel
+from . import distributed, metrics, parallel, selection
+from . import split as split_mod
 from .checkpoint import copy_npz
 from .rundir import RunDir
 from .schedules import Plan
 
 CKPT_LAST = "last.npz"
 CKPT_BEST = "best.npz"
-METRIC_FIELDS = ["epoch", "phase", "loss", "clean_acc", "vra", "rejection",
+METRIC_FIELDS = ["epoch", "phase", "loss", *selection.VAL_FIELDS, *selection.TEST_FIELDS,
                  "k_sub", "lr", "eps", "eps_test", "lam", "samples_per_s", "epoch_s",
                  "eval_s", "peak_mem_mb"]
 
@@ -68,13 +73,22 @@ class TrainConfig:
     eps: float = 0.3            # eps_test: certification radius for evaluation
     train_eps: float | None = None  # eps_train (default: eps)
     eps_schedule: str = "single"
-    loss: str = "ce"            # "ce" or "trades"
+    loss: str = "ce"            # "ce", "trades" or "emma" (gloro_core.losses)
     lam: str = "1.0"            # TRADES lambda: constant or "x,y,e"
     epochs: int = 10
     batch: int = 256
     lr: float = 1e-3
-    lr_schedule: str = "fixed"  # or "decay_to_lb"
+    lr_schedule: str = "fixed"  # "decay_to_lb", "cosine" or "step" (schedules.lr_schedule)
     lr_lb: float = 1e-6
+    lr_steps: str = "50%,75%"   # "step": epochs (or % of the run) where lr is multiplied by
+    lr_gamma: float = 0.1       # lr_gamma
+    lr_warmup: float = 0.0      # epochs of linear lr warm-up from ~0 (any schedule)
+    lr_lag: float = 0.0         # the lr of epoch t is the schedule's at t - lr_lag (authors' code: 1)
+    weight_decay: float = 0.0   # decoupled (AdamW): p <- p (1 - lr wd) before the Adam step
+    grad_clip: float | None = None  # clip the global gradient l2 norm to this
+    converge_start: bool = False  # converge the power iterates before the first step (authors' code)
+    val: int = 5000             # validation points held out of the training set; 0: none
+    test_every_epoch: bool = False  # also evaluate the test set each epoch (curves only)
     warmup: int = 0             # epochs of standard (non-GloRo) training first
     power_iters: int = 10       # power iterations per training step
     lipschitz_tol: float = 1e-5
@@ -95,8 +109,17 @@ class TrainConfig:
     def __post_init__(self):
         if self.train_eps is None:
             self.train_eps = self.eps
-        if self.loss not in ("ce", "trades"):
-            raise ValueError(f"loss must be 'ce' or 'trades', got {self.loss!r}")
+        if self.loss not in ("ce", "trades", "emma"):
+            raise ValueError(f"loss must be 'ce', 'trades' or 'emma', got {self.loss!r}")
+        if isinstance(self.val, bool) or not isinstance(self.val, int) or self.val < 0:
+            raise ValueError(f"--val must be an integer >= 0, got {self.val!r}")
+        for name in ("weight_decay", "lr_lag", "lr_warmup"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                 f"got {v!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"--grad-clip must be a finite number > 0, got {self.grad_clip!r}")
         for name in ("epochs", "batch", "power_iters", "eval_batch"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -113,7 +136,8 @@ class TrainConfig:
     def plan(self) -> Plan:
         return Plan(epochs=self.epochs, warmup=self.warmup, eps_train=self.train_eps,
                     eps_spec=self.eps_schedule, lam_spec=self.lam, lr=self.lr,
-                    lr_spec=self.lr_schedule, lr_lb=self.lr_lb)
+                    lr_spec=self.lr_schedule, lr_lb=self.lr_lb, lr_steps=self.lr_steps,
+                    lr_gamma=self.lr_gamma, lr_warmup=self.lr_warmup, lr_lag=self.lr_lag)
 
     def augment_on(self) -> bool:
         if self.augment is None:
@@ -160,6 +184,13 @@ def evaluate(net, x: np.ndarray, y: np.ndarray, eps: float, batch: int = 500) ->
     """
     m = metrics.evaluate(net, x, y, eps, batch=batch, tight_radius=False)  # radii unused here
     return {"clean_acc": m["clean_acc"], "vra": m["vra"], "rejection": m["rejection"]}
+
+
+def _evaluate(comm, net, x, y, cfg) -> dict:
+    """evaluate() in one process; under K ranks sharded by whole batches (same numbers)."""
+    if comm.size == 1:
+        return evaluate(net, x, y, cfg.eps, cfg.eval_batch)
+    return parallel.evaluate(comm, net, x, y, cfg.eps, cfg.eval_batch)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -216,6 +247,14 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
+def _row_ok(m) -> bool:
+    """A history row with a numeric selection VRA (or none at all)."""
+    if not isinstance(m, dict):
+        return False
+    key = next((k for k in ("val_vra", "test_vra", "vra") if k in m), None)
+    return key is None or _is_real(m[key])
+
+
 def _check_state(path: str, state) -> None:
     """ValueError naming ``path`` unless ``state`` is a train_state resume can use."""
     if not isinstance(state, dict):
@@ -228,8 +267,7 @@ def _check_state(path: str, state) -> None:
         raise _bad_state(path, "'epoch'")
     # Older checkpoints may lack these; present, they must be usable (_repair_best reads them)
     history = state.get("history", [])
-    if not isinstance(history, list) or not all(
-            isinstance(m, dict) and _is_real(m.get("vra", -1.0)) for m in history):
+    if not isinstance(history, list) or not all(_row_ok(m) for m in history):
         raise _bad_state(path, "'history' (a list of per-epoch objects with a numeric vra)")
     best_epoch = state.get("best_epoch")
     if best_epoch is not None and not (_is_int(best_epoch) and 0 <= best_epoch <= epoch):
@@ -277,7 +315,8 @@ def _repair_best(last_path: str, best_path: str, state: dict, log) -> int | None
     """
     epoch, best_epoch = int(state["epoch"]), state.get("best_epoch")
     if best_epoch is None:  # checkpoints from before best_epoch was recorded
-        vras = [m.get("vra", -1.0) for m in state.get("history", [])]
+        vras = [selection.selection_vra(m) for m in state.get("history", [])]
+        vras = [-1.0 if v is None else v for v in vras]
         if len(vras) != epoch + 1:
             return None
         best_epoch = vras.index(max(vras))  # the first epoch with the top VRA wrote best.npz
@@ -326,7 +365,7 @@ def _write_metrics(out: str, history: list[dict], append_only: dict | None = Non
 
 def format_line(m: dict, epochs: int) -> str:
     return (f"epoch {m['epoch']:>3}/{epochs} [{m['phase']}] loss {m['loss']:.4f} "
-            f"acc {m['clean_acc']:.4f} vra {m['vra']:.4f} rej {m['rejection']:.4f} "
+            f"{selection.describe(m)} "
             f"K_sub {m['k_sub']:.3f} lr {m['lr']:.2e} eps {m['eps']:.4f} lam {m['lam']:.3g} "
             f"{m['samples_per_s']:.0f} samples/s {m['epoch_s']:.1f}s "
             f"(eval {m['eval_s']:.1f}s) mem {m['peak_mem_mb']:.0f}MiB")
@@ -346,11 +385,12 @@ def _place(net, device: str) -> None:
     net.to(device)
 
 
-def _make_optimizer(net, lr: float):
+def _make_optimizer(net, lr: float, weight_decay: float = 0.0):
     from nn.optim import Adam
 
     # Keras defaults, as the paper used (GLORO.md section 3)
-    return Adam(list(net.parameters()), lr=lr, beta1=0.9, beta2=0.999, epsilon=1e-7)
+    return Adam(list(net.parameters()), lr=lr, beta1=0.9, beta2=0.999, epsilon=1e-7,
+                weight_decay=weight_decay)
 
 
 def _set_lr(opt, lr: float):
@@ -371,6 +411,17 @@ def load_data(cfg: TrainConfig) -> data_mod.Dataset:
     if cfg.limit is not None or cfg.test_limit is not None:
         ds = ds.subset(cfg.limit, cfg.test_limit)
     return ds
+
+
+def split_data(cfg: TrainConfig, ds: data_mod.Dataset):
+    """-> (dataset to train on, (x_val, y_val) or None, Split or None): ``cfg.val`` points of
+    the (limited) training set held out, stratified, from ``cfg.seed`` (split.holdout)."""
+    if not cfg.val:
+        return ds, None, None
+    sp = split_mod.holdout(ds.y_train, cfg.val, cfg.seed)
+    train_ds = data_mod.Dataset(ds.name, ds.x_train[sp.train], ds.y_train[sp.train],
+                                ds.x_test, ds.y_test, ds.num_classes)
+    return train_ds, (ds.x_train[sp.val], ds.y_train[sp.val]), sp
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print, dataset=None,
@@ -421,6 +472,9 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
     if cfg.device == "gpu" and comm.size > 1:
         distributed.use_local_gpu(comm)  # before any array is placed
     ds = dataset if dataset is not None else load_data(cfg)
+    ds, val_set, split = split_data(cfg, ds)
+    if split is None:
+        log(selection.NO_VAL_WARNING)
     last_path = os.path.join(cfg.out, CKPT_LAST)
     best_path = os.path.join(cfg.out, CKPT_BEST)
 
@@ -433,24 +487,28 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         state = extra.get("train_state")
         _check_state(last_path, state)
         saved = state["config"]
+        split_mod.check_same(state.get("split"), split, cfg.seed, last_path)
         for key in ("arch", "dataset", "seed", "batch", "loss", "limit", "activation"):
             if saved.get(key) != cfg.to_json().get(key):
                 raise ValueError(f"--resume: {key}={cfg.to_json().get(key)!r} differs from the "
                                  f"checkpoint's {saved.get(key)!r} ({last_path})")
+        # a key older runs lack had its default then (and val 0: they selected on the test set)
+        defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, "val": 0}
         changed = sorted(k for k, v in cfg.to_json().items()
-                         if k not in ("out", "progress", "plot", "stop_after") and saved.get(k) != v)
+                         if k not in ("out", "progress", "plot", "stop_after")
+                         and saved.get(k, defaults.get(k)) != v)
         if changed:  # schedules would silently change mid-run
-            log(f"warning: --resume with settings that differ from the checkpoint's: "
+            log("warning: --resume with settings that differ from the checkpoint's: "
                 + ", ".join(f"{k}={cfg.to_json()[k]!r} (was {saved.get(k)!r})" for k in changed))
         start_epoch = int(state["epoch"]) + 1
         best_vra = float(state.get("best_vra", -1.0))
-        history = list(state.get("history", []))
+        history = [selection.upgrade(m) for m in state.get("history", [])]
         best_epoch = _repair_best(last_path, best_path, state, log) if lead else None
         run_id = state.get("run_id")
         if run_id is None and lead:  # legacy run: give it an id so no other legacy best.npz matches
             run_id = _adopt_legacy_run(net, extra, last_path, best_path, best_epoch)
         _place(net, cfg.device)
-        opt = _make_optimizer(net, cfg.lr)
+        opt = _make_optimizer(net, cfg.lr, cfg.weight_decay)
         opt.load_state_dict(state["optimizer"])
         if lead:
             _write_metrics(cfg.out, history)
@@ -461,7 +519,9 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         net = build(cfg.arch, ds.input_shape, ds.num_classes, activation=cfg.activation,
                     init=cfg.init, eps=cfg.eps, eps_train=cfg.train_eps, seed=cfg.seed)
         _place(net, cfg.device)
-        opt = _make_optimizer(net, cfg.lr)
+        opt = _make_optimizer(net, cfg.lr, cfg.weight_decay)
+        if cfg.converge_start:  # as the authors' code does before its first step
+            net.update_lipschitz(tol=1e-2, max_iter=cfg.lipschitz_max_iter, provable=False)
         if lead and run.overwrite:  # the new run is ready: only now does the old one go
             gone = run.clear_outputs()
             if gone:
@@ -503,6 +563,8 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
             # batch's means on every rank (so every rank decides alike below); one process:
             # the loss as it is. A 0-d array: no host sync on a GPU
             gloss = parallel.reduce_gradients(gcomm, net.parameters(), loss.data, weight)
+            if cfg.grad_clip is not None:   # the global gradient, alike on every rank
+                clip_grad_norm(net.parameters(), cfg.grad_clip)
             window.append((gloss, len(idx), step))
             if len(window) >= read_every or step == steps - 1:
                 for lv, size, at in _read_losses(window):
@@ -525,7 +587,11 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         # Converge the power iterates: certification needs the real norm, not an estimate.
         te = time.perf_counter()
         net.update_lipschitz(tol=cfg.lipschitz_tol, max_iter=cfg.lipschitz_max_iter)
-        ev = parallel.evaluate(comm, net, ds.x_test, ds.y_test, cfg.eps, cfg.eval_batch)
+        ev = {}
+        if val_set is not None:
+            ev.update(selection.prefixed("val", _evaluate(comm, net, *val_set, cfg)))
+        if val_set is None or cfg.test_every_epoch:
+            ev.update(selection.prefixed("test", _evaluate(comm, net, ds.x_test, ds.y_test, cfg)))
         eval_s = time.perf_counter() - te
         end = plan.at(epoch + 1 - 1e-9)
         m = {"epoch": epoch + 1, "phase": "warmup" if vals["warmup"] else "gloro",
@@ -534,13 +600,14 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
              "eps_test": cfg.eps, "lam": end["lam"], "samples_per_s": seen / max(train_s, 1e-9),
              "epoch_s": train_s, "eval_s": eval_s, "peak_mem_mb": peak_rss_mb()}
         history.append(m)
-        improved = m["vra"] > best_vra
-        best_vra = max(best_vra, m["vra"])
+        improved = selection.selection_vra(m) > best_vra
+        best_vra = max(best_vra, selection.selection_vra(m))
         best_epoch = epoch if improved else best_epoch
         parallel.check_same(comm, net, opt, f"epoch {epoch + 1}")  # before it is saved
         if not lead:
             continue
         extra = _train_extra(cfg, opt, epoch, best_vra, history, best_epoch, run_id)
+        extra["train_state"]["split"] = None if split is None else split.record(cfg.seed)
         # last.npz first: it is the commit point and names the best epoch. A stop between
         # the two writes leaves best.npz behind only when this epoch is the best, and then
         # last.npz holds exactly its content: resume repairs it from there (_repair_best).
@@ -549,11 +616,33 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
             save_checkpoint(net, best_path, extra)
         _write_metrics(cfg.out, history, append_only=m)
         log(format_line(m, cfg.epochs))
+    if lead and stop_at == cfg.epochs and history and os.path.exists(best_path):
+        _final_test(cfg, ds, best_path, split is not None, log)
     if cfg.plot and history and lead:
         from .plots import plot_training
 
         log(f"wrote {plot_training(history, os.path.join(cfg.out, 'curves.png'))}")
     return history
+
+
+def _final_test(cfg, ds, best_path, on_val: bool, log) -> dict:
+    """The test set, once, on best.npz (chosen on the validation split): OUT/test.json."""
+    t0 = time.perf_counter()
+    net, extra = load_checkpoint(best_path)
+    _place(net, cfg.device)
+    net.update_lipschitz(tol=cfg.lipschitz_tol, max_iter=cfg.lipschitz_max_iter)
+    ev = evaluate(net, ds.x_test, ds.y_test, cfg.eps, cfg.eval_batch)
+    state = extra.get("train_state", {})
+    row = (state.get("history") or [{}])[-1]
+    res = {"checkpoint": best_path, "epoch": int(state.get("epoch", -1)) + 1,
+           "selected_on": "val" if on_val else "test", "eps": cfg.eps,
+           "n_test": int(len(ds.y_test)), "val_vra": row.get("val_vra"),
+           **selection.prefixed("test", ev), "seconds": time.perf_counter() - t0}
+    path = selection.write_test_result(cfg.out, res)
+    log(f"test set on {best_path} (epoch {res['epoch']}, chosen on the "
+        f"{'validation split' if on_val else 'TEST set'}): {selection.describe(res)}"
+        f" -> {path}")
+    return res
 
 
 def _train_extra(cfg, opt, epoch, best_vra, history, best_epoch, run_id) -> dict:

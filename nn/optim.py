@@ -6,6 +6,10 @@ Step t (1-based):
     p <- p - lr_t m / (sqrt(v) + epsilon)
 The element-wise update is one fused kernel (kernels.adam_update), in place, on
 the parameter's device; lr_t is computed in Python float64.
+
+``weight_decay`` wd > 0 makes it AdamW (Loshchilov and Hutter, decoupled weight decay, as
+PyTorch's AdamW): p <- p (1 - lr wd) before the Adam step, lr the current (scheduled) lr,
+not lr_t. ``clip_grad_norm`` rescales all gradients together to a global l2 norm.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import math
 import numpy as np
 
 import kernels
-from kernels.registry import is_gpu_array
+from kernels.registry import array_module, is_gpu_array
 
 
 class Adam:
@@ -25,7 +29,7 @@ class Adam:
     but ``t`` advances once per ``step()``, as in Keras.
     """
 
-    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-7):
+    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-7, weight_decay=0.0):
         self.params = list(params)
         if not self.params:
             raise ValueError("Adam got an empty parameter list")
@@ -36,6 +40,9 @@ class Adam:
             raise ValueError(f"betas must lie in [0, 1), got beta1={beta1}, beta2={beta2}")
         if epsilon < 0 or lr < 0:
             raise ValueError(f"lr and epsilon must be >= 0, got lr={lr}, epsilon={epsilon}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
         self.lr = float(lr)
         self.beta1, self.beta2, self.epsilon = float(beta1), float(beta2), float(epsilon)
         self.t = 0
@@ -63,6 +70,8 @@ class Adam:
                 xp = p.xp
                 self.m[i] = xp.zeros(p.data.shape, dtype=p.dtype)
                 self.v[i] = xp.zeros(p.data.shape, dtype=p.dtype)
+            if self.weight_decay:
+                p.data *= p.dtype.type(1.0 - self.lr * self.weight_decay)
             kernels.adam_update(p.data, g, self.m[i], self.v[i], lr_t, self.beta1, self.beta2, self.epsilon)
 
     def zero_grad(self) -> None:
@@ -96,6 +105,24 @@ class Adam:
                 self.v[i] = p.xp.asarray(v, dtype=p.dtype).copy()
             else:
                 self.m[i] = self.v[i] = None
+
+
+def clip_grad_norm(params, max_norm: float):
+    """Scale every ``.grad`` by min(1, max_norm / ||g||), ||g|| the l2 norm of all gradients
+    together (float64); -> ||g|| before clipping, a 0-d array on the gradients' device.
+    Parameters without a gradient are skipped. The scale is applied on the device (a factor
+    of exactly 1 below the threshold), so a GPU step does not wait for the norm."""
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm}")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return np.zeros(())
+    xp = array_module(params[0].grad)
+    total = xp.sqrt(sum((p.grad.astype(np.float64) ** 2).sum() for p in params))
+    scale = xp.minimum(1.0, max_norm / xp.maximum(total, np.finfo(np.float64).tiny))
+    for p in params:   # new arrays: a gradient may be shared with another buffer
+        p.grad = p.grad * scale.astype(p.grad.dtype)
+    return total
 
 
 def _host_copy(a):

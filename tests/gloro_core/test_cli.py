@@ -12,7 +12,7 @@ from gloro_core.cli import build_parser, main
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = ["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit", "128",
          "--arch", "c(4,3,2),d(16)", "--eps", "0.05", "--train-eps", "0.08", "--epochs", "2",
-         "--batch", "32", "--power-iters", "2", "--lr", "0.003", "--no-progress"]
+         "--batch", "32", "--power-iters", "2", "--lr", "0.003", "--no-progress", "--val", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_backend_flag(tmp_path, monkeypatch):
     args = TRAIN[:]
     args[args.index("--epochs") + 1] = "1"
     assert main(args + ["--out", str(tmp_path / "b"), "--backend", "reference",
-                        "--limit", "32"]) == 0
+                        "--limit", "32", "--val", "8"]) == 0
     assert chosen and set(chosen) == {"reference"}
     assert dict(os.environ) == env and registry._DEFAULT is None
     x = np.zeros((2, 1, 4, 4), np.float32)
@@ -120,7 +120,7 @@ def test_device_gpu_without_a_gpu_is_a_clear_error(tmp_path, capsys):
         pytest.skip("a CUDA device is present: the gpu path is covered by the gpu-marked tests")
     args = TRAIN[:]
     args[args.index("--epochs") + 1] = "1"
-    assert main(args + ["--out", str(tmp_path / "g"), "--device", "gpu", "--limit", "32"]) == 2
+    assert main(args + ["--out", str(tmp_path / "g"), "--device", "gpu", "--limit", "32", "--val", "8"]) == 2
     assert "--device gpu needs CuPy and a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "g" / "last.npz").exists()
 

@@ -278,7 +278,7 @@ def test_cli_notes_dataset_and_dir_taken_from_the_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     train(TrainConfig(dataset="cifar10", data_dir=str(src), arch="d(8)", epochs=1, batch=16,
                       power_iters=1, eps=0.1, out=str(run), progress=False, augment=False,
-                      lipschitz_max_iter=50), log=lambda *a, **k: None)
+                      lipschitz_max_iter=50, val=4), log=lambda *a, **k: None)
     ckpt = str(run / "best.npz")
     assert main(["certify", ckpt, "--json"]) == 0
     err = capsys.readouterr().err

@@ -25,11 +25,11 @@ from gloro_core import distributed, parallel
 from gloro_core.augment import augment_batch
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = ["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit", "201",
+TRAIN = ["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit", "241", "--val", "40",
          "--test-limit", "90", "--arch", "c(4,3,2),d(16)", "--eps", "0.05", "--train-eps",
          "0.08", "--batch", "50", "--power-iters", "2", "--lr", "0.003", "--augment", "on",
          "--no-progress"]
-# 201 points in batches of 50: parts of 25 and 25, and a last batch of 1 that leaves rank 1
+# 241 points, 40 held out for validation: 201 in batches of 50: parts of 25 and 25, and a last batch of 1 that leaves rank 1
 # an empty part (it then runs the power steps on a weight-0 point)
 TOL = 2e-5  # |a - b| <= TOL * max|a| per array after 2 epochs (observed here: 2.1e-7)
 TIMING = {"bound_seconds", "seconds_total", "ms_per_instance", "peak_mb_per_instance",
@@ -200,8 +200,8 @@ def test_train_two_ranks_equals_one_process(runs):
     assert [m["epoch"] for m in m2] == [1, 2]
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        for k in ("clean_acc", "vra", "rejection"):  # counts of 90 points: at most one flips
-            assert abs(a[k] - b[k]) <= 1 / 90 + 1e-12, k
+        for k in ("val_clean_acc", "val_vra", "val_rejection"):  # counts of 40 points: at most one flips
+            assert abs(a[k] - b[k]) <= 1 / 40 + 1e-12, k
         assert b["k_sub"] == pytest.approx(a["k_sub"], rel=1e-5)
     # rank 0 alone wrote the run directory: the lock names it, no stray temporaries
     assert sorted(n.name for n in two.iterdir()) == sorted(n.name for n in one.iterdir())
@@ -273,7 +273,7 @@ import numpy as np
 from gloro_core import data, distributed
 from gloro_core.train import TrainConfig, TrainingDiverged, train
 tiny = dict(dataset="synthetic", synthetic_shape=(1, 10, 10), synthetic_n=(96, 48),
-            arch="c(4,3,2),d(16)", batch=32, power_iters=2, progress=False)
+            arch="c(4,3,2),d(16)", batch=32, power_iters=2, progress=False, val=0)
 out = {str(tmp_path / "run")!r}
 train(TrainConfig(out=out, epochs=2, stop_after=1, **tiny), log=lambda s: None)
 before = open(out + "/last.npz", "rb").read()
@@ -319,7 +319,7 @@ from gloro_core.train import TrainConfig, train
 comm = distributed.world()
 tiny = dict(dataset="synthetic" if comm.rank == 0 else "mnist", synthetic_shape=(1, 10, 10),
             synthetic_n=(96, 48), arch="c(4,3,2),d(16)", batch=32, power_iters=2,
-            progress=False, data_dir={str(tmp_path / "nothing-here")!r})
+            progress=False, val=0, data_dir={str(tmp_path / "nothing-here")!r})
 train(TrainConfig(out={str(tmp_path / "run")!r}, epochs=1, **tiny), log=lambda s: None)
 print("finished")
 """
@@ -361,8 +361,8 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     holds epoch 1 intact, and --resume (under K=1, not the K that wrote it) finishes the run;
     its result is the uninterrupted one's within TOL."""
     out = tmp_path / "killed"
-    # 1001 points: 21 steps an epoch, so epoch 2 is still running when rank 1 is killed
-    args = TRAIN + ["--epochs", "3", "--limit", "1001", "--out", str(out)]
+    # 1041 points, 1001 trained on: 21 steps an epoch, so epoch 2 is still running when rank 1 is killed
+    args = TRAIN + ["--epochs", "3", "--limit", "1041", "--out", str(out)]
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "gloro_core", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -393,7 +393,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     full = tmp_path / "full"
-    _run(TRAIN + ["--epochs", "3", "--limit", "1001", "--out", str(full)])
+    _run(TRAIN + ["--epochs", "3", "--limit", "1041", "--out", str(full)])
     _close(_arrays(full / "last.npz"), _arrays(out / "last.npz"))
 
 
@@ -414,7 +414,7 @@ with fake_cupy.install(cuda_emulator.Emulator(Path({str(cuda_emulator_build)!r})
     from gloro_core.train import TrainConfig, train
     cfg = TrainConfig(dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_n=(4, 4),
                       arch="c(4,3,2),d(8)", batch=4, epochs=1, power_iters=1,
-                      lipschitz_max_iter=5, out=sys.argv[1], progress=False, device="gpu")
+                      lipschitz_max_iter=5, out=sys.argv[1], progress=False, device="gpu", val=0)
     hist = train(cfg, log=lambda m: None)
     comm = distributed.world()
     if comm.rank == 0:

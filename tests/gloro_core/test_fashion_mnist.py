@@ -24,11 +24,12 @@ def test_real_files_load():
 def test_short_run(tmp_path):
     cfg = TrainConfig(dataset="fashion-mnist", arch="c(8,4,2),d(32)", eps=0.1, train_eps=0.15,
                       epochs=2, batch=64, limit=1024, test_limit=256, power_iters=5,
-                      lr=2e-3, out=str(tmp_path), progress=False, lipschitz_max_iter=500)
+                      lr=2e-3, out=str(tmp_path), progress=False, lipschitz_max_iter=500,
+                      val=256)
     hist = train(cfg, log=lambda s: None)
     assert len(hist) == 2
     last = hist[-1]
-    assert last["loss"] < hist[0]["loss"] or last["clean_acc"] > hist[0]["clean_acc"]
-    assert last["clean_acc"] > 0.4  # 10 classes: chance is 0.1
-    assert 0 <= last["vra"] <= last["clean_acc"]
+    assert last["loss"] < hist[0]["loss"] or last["val_clean_acc"] > hist[0]["val_clean_acc"]
+    assert last["val_clean_acc"] > 0.4  # 10 classes: chance is 0.1
+    assert 0 <= last["val_vra"] <= last["val_clean_acc"]
     assert (tmp_path / "last.npz").exists()

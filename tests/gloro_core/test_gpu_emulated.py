@@ -121,7 +121,7 @@ def test_gpu_epoch_trains_on_the_device(fake_gpu, tmp_path, op_calls, monkeypatc
     monkeypatch.setattr(tr.data_mod, "batches", batches)
     cfg = TrainConfig(dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_n=(4 * steps, 8),
                       arch="c(4,3,2),d(8)", batch=4, epochs=1, power_iters=2, lipschitz_max_iter=20,
-                      out=str(tmp_path / "run"), progress=False, device="gpu")
+                      out=str(tmp_path / "run"), progress=False, device="gpu", val=0)
     hist = train(cfg, log=lambda m: None)
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
     assert syncs_in_steps == [{"get": 2}]   # two loss windows read back, nothing else
@@ -152,7 +152,7 @@ def test_gpu_nan_loss_stops_within_one_window(fake_gpu, tmp_path, monkeypatch):
     ds.x_train[:] = 3e38   # finite inputs whose logits overflow
     cfg = TrainConfig(dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_n=(16, 8),
                       arch="c(4,3,2),d(8)", batch=4, epochs=1, power_iters=1, lipschitz_max_iter=20,
-                      out=str(tmp_path / "run"), progress=False, device="gpu")
+                      out=str(tmp_path / "run"), progress=False, device="gpu", val=0)
     with np.errstate(over="ignore", invalid="ignore"), pytest.raises(tr.TrainingDiverged, match="step 1/4"):
         train(cfg, log=lambda m: None, dataset=ds)
     assert len(taken) == 2   # stopped at the first read, not at the end of the epoch

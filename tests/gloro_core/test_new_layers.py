@@ -320,7 +320,7 @@ def test_end_to_end_every_new_layer_from_json(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--limit", "1024",
                  "--arch", str(arch), "--eps", "0.02", "--epochs", "1", "--batch", "32", "--power-iters", "2",
-                 "--lr", "0.01", "--no-progress", "--out", str(out)]) == 0
+                 "--lr", "0.01", "--no-progress", "--out", str(out), "--val", "128"]) == 0
     net = load(out / "last.npz")
     assert net.specs == specs and [layer.parametric for layer in net.layers] == [True, True, False, False, True, True]
     assert main(["certify", str(out), "--json", "--limit", "64"]) == 0

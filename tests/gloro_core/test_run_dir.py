@@ -19,12 +19,12 @@ from gloro_core.train import TrainConfig, load_checkpoint, train
 
 TINY = dict(dataset="synthetic", arch="c(4,3,2),d(16)", synthetic_shape=(1, 10, 10),
             synthetic_n=(96, 48), batch=32, power_iters=2, eps=0.1, train_eps=0.15,
-            lipschitz_max_iter=300, progress=False, eval_batch=64)
+            lipschitz_max_iter=300, progress=False, eval_batch=64, val=16)
 # VRA improves at every one of 3 epochs with these (checked in the test that relies on it)
 LEARNS = {**TINY, "eps": 0.05, "train_eps": 0.05, "synthetic_n": (256, 64), "lr": 3e-3}
 CLI = ["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit", "64",
        "--arch", "c(4,3,2),d(16)", "--epochs", "1", "--batch", "32", "--power-iters", "2",
-       "--no-progress"]
+       "--no-progress", "--val", "16"]
 
 
 def _quiet(*a, **k):
@@ -46,7 +46,7 @@ def test_rerun_is_refused_and_keeps_the_earlier_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(CLI + ["--out", str(out)]) == 0
     before = _files(out)
-    assert set(before) == {"last.npz", "best.npz", "metrics.jsonl", "metrics.csv"}
+    assert set(before) == {"last.npz", "best.npz", "metrics.jsonl", "metrics.csv", "test.json"}
     capsys.readouterr()
     assert main(CLI + ["--out", str(out), "--seed", "3"]) == 2
     err = capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_overwrite_replaces_only_the_run_and_only_once_it_starts(tmp_path, capsy
     assert main(CLI + ["--out", str(out), "--overwrite", "--seed", "3"]) == 0
     text = capsys.readouterr().out
     assert (f"--overwrite: removed the earlier run's best.npz, last.npz, metrics.csv, "
-            f"metrics.jsonl from {out}") in text
+            f"metrics.jsonl, test.json from {out}") in text
     after = _files(out)
     assert after["notes.txt"] == b"mine"  # not a file train writes: left alone
     assert after["last.npz"] != before["last.npz"] and after["best.npz"] != before["best.npz"]
@@ -152,7 +152,7 @@ def test_resume_restores_best_after_a_stop_between_the_writes(tmp_path, monkeypa
                                                               at_epoch, exc):
     epochs = 3 if cfg is LEARNS else 2
     ref = train(TrainConfig(out=str(tmp_path / "ref"), epochs=epochs, seed=1, **cfg), log=_quiet)
-    vras = [m["vra"] for m in ref]
+    vras = [m["val_vra"] for m in ref]
     best = vras.index(max(vras))
     assert best == at_epoch  # the stopped epoch is the one best.npz must hold
     if at_epoch > 0:
@@ -169,10 +169,10 @@ def test_resume_restores_best_after_a_stop_between_the_writes(tmp_path, monkeypa
     logs = []
     hist = train(TrainConfig(out=str(out), epochs=epochs, seed=1, **cfg), resume=True,
                  log=logs.append)
-    assert [m["vra"] for m in hist] == vras
+    assert [m["val_vra"] for m in hist] == vras
     assert any(s.startswith(f"{out / 'best.npz'} ") and "restored it from" in s for s in logs)
     metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    mv = [m["vra"] for m in metrics]
+    mv = [m["val_vra"] for m in metrics]
     _, extra = load_checkpoint(str(out / "best.npz"))
     assert extra["train_state"]["epoch"] == mv.index(max(mv)) == best
     for a, b in zip(_params(out / "best.npz"), _params(tmp_path / "ref" / "best.npz")):
@@ -294,7 +294,7 @@ def test_resume_without_last_keeps_an_earlier_run(tmp_path, capsys):
     before = _files(out)
     with pytest.raises(RunDirError, match=rf"^--resume: --out {re.escape(str(out))} has no "
                                           r"last.npz to resume from but holds an earlier run's "
-                                          r"best.npz, metrics.csv, metrics.jsonl; use --overwrite"):
+                                          r"best.npz, metrics.csv, metrics.jsonl, test.json; use --overwrite"):
         train(TrainConfig(out=str(out), epochs=1, seed=3, **TINY), resume=True, log=_quiet)
     assert _files(out) == before
     assert main(CLI + ["--out", str(out), "--resume"]) == 2

@@ -13,7 +13,7 @@ from gloro_core.train import TrainConfig, TrainingDiverged, load_checkpoint, tra
 
 TINY = dict(dataset="synthetic", arch="c(4,3,2),d(16)", synthetic_shape=(1, 10, 10),
             synthetic_n=(96, 48), batch=32, power_iters=2, eps=0.1, train_eps=0.15,
-            lipschitz_max_iter=300, progress=False, eval_batch=64)
+            lipschitz_max_iter=300, progress=False, eval_batch=64, val=16)
 
 
 def _quiet(*a, **k):
@@ -94,8 +94,11 @@ def test_resume_equivalence(tmp_path):
     for k in oa:
         if isinstance(oa[k], np.ndarray):
             assert np.array_equal(oa[k], ob[k]), k
-    for key in ("loss", "clean_acc", "vra", "rejection", "k_sub"):
+    for key in ("loss", "val_clean_acc", "val_vra", "val_rejection", "k_sub"):
         assert h_full[-1][key] == h2[-1][key], key
+    # the split is the same on resume, and recorded
+    assert ea["train_state"]["split"] == eb["train_state"]["split"]
+    assert ea["train_state"]["split"]["n_val"] == 16
     # a different seed gives different weights: the comparison above can fail
     other = tmp_path / "other"
     train(TrainConfig(out=str(other), epochs=1, seed=6, **TINY), log=_quiet)
@@ -115,14 +118,18 @@ def test_metrics_content_and_learning(tmp_path):
                       **{**TINY, "eps": 0.05, "train_eps": 0.05, "synthetic_n": (512, 128)})
     hist = train(cfg, log=_quiet)
     for m in hist:
-        for k in ("loss", "clean_acc", "vra", "rejection", "k_sub", "lr", "eps", "lam",
-                  "samples_per_s", "epoch_s", "peak_mem_mb"):
+        for k in ("loss", "val_clean_acc", "val_vra", "val_rejection", "k_sub", "lr", "eps",
+                  "lam", "samples_per_s", "epoch_s", "peak_mem_mb"):
             assert np.isfinite(m[k]), (k, m[k])
-        assert 0 <= m["vra"] <= m["clean_acc"] <= 1
-        assert 0 <= m["rejection"] <= 1 and m["k_sub"] > 0
+        assert 0 <= m["val_vra"] <= m["val_clean_acc"] <= 1
+        assert 0 <= m["val_rejection"] <= 1 and m["k_sub"] > 0
+        assert "test_vra" not in m      # the test set is not looked at per epoch
     assert hist[-1]["loss"] < hist[0]["loss"]
     # 10 well-separated classes: learnable, and certifiable at a small eps
-    assert hist[-1]["clean_acc"] > 0.5 and hist[-1]["vra"] > 0.3
+    assert hist[-1]["val_clean_acc"] > 0.5 and hist[-1]["val_vra"] > 0.3
+    final = json.loads((tmp_path / "test.json").read_text())
+    assert final["selected_on"] == "val" and final["n_test"] == 128
+    assert final["test_vra"] > 0.3 and final["epoch"] >= 1
 
 
 def test_warmup_and_trades(tmp_path):
@@ -176,7 +183,7 @@ def test_cifar_dir_with_augmentation(tmp_path):
                          b"labels": [int(v) for v in rng.integers(0, 10, n)]}, fh)
     cfg = TrainConfig(dataset="cifar10", data_dir=str(src), arch="d(8)", epochs=1,  # dense only: cheap exact bounds
                       batch=16, power_iters=1, eps=0.1, out=str(tmp_path / "run"),
-                      progress=False, lipschitz_max_iter=200)
+                      progress=False, lipschitz_max_iter=200, val=8)
     assert cfg.augment_on()
     hist = train(cfg, log=_quiet)
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
@@ -199,7 +206,7 @@ def test_resume_without_config_in_train_state(tmp_path, capsys):
                                          "cannot resume"):
         train(TrainConfig(out=str(tmp_path), epochs=2, **TINY), resume=True, log=_quiet)
     assert main(["train", "--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--limit",
-                 "64", "--out", str(tmp_path), "--resume", "--no-progress"]) == 2
+                 "64", "--out", str(tmp_path), "--resume", "--no-progress", "--val", "16"]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'last.npz'}: train_state has no "
                                        "valid 'config'; cannot resume from it (start over with "
                                        "--overwrite or another --out)\n")
