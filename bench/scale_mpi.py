@@ -9,7 +9,7 @@ the same global batch of ``--batch`` synthetic points per step, as ``train`` doe
 (gloro_core.parallel: part, loss, backward, one all-reduce of the gradients, Adam). Rank 0
 prints one JSON line: the median step time, the median time in the all-reduce call (it
 includes waiting for the slower rank), the all-reduce's bytes per step and per rank (the
-parameters' bytes plus one float), and the ranks' count.
+parameters', the power iterates' and one float), and the ranks' count.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         lv = float(np.asarray(loss.data))
         loss.backward()
         t1 = time.perf_counter()
-        parallel.reduce_gradients(comm, model.parameters(), lv, weight)
+        parallel.reduce_gradients(comm, model.parameters(), lv, weight, model)
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
@@ -62,14 +62,15 @@ def main(argv=None) -> int:
             reduces.append(t2 - t1)
     parallel.check_same(comm, model, opt, "after the timed steps")
     step_s = parallel.max_over_ranks(comm, statistics.median(steps))
-    nbytes = sum(prm.data.nbytes for prm in model.parameters()) + 4
+    param_bytes = sum(prm.data.nbytes for prm in model.parameters())
+    nbytes = param_bytes + sum(v.nbytes for v in model.iterates) + 4
     if comm.rank == 0:
         print(json.dumps({"arch": a.arch, "ranks": comm.size, "batch": a.batch,
                           "part": len(yb), "step_ms": 1e3 * step_s,
                           "steps_per_s": 1.0 / step_s,
                           "allreduce_ms": 1e3 * statistics.median(reduces) if comm.size > 1 else 0.0,
                           "allreduce_bytes": nbytes if comm.size > 1 else 0,
-                          "param_bytes": nbytes - 4, "reps": len(steps)}), flush=True)
+                          "param_bytes": param_bytes, "reps": len(steps)}), flush=True)
     return 0
 
 

@@ -92,15 +92,20 @@ def local_batch(comm, x, y, idx, aug_rng=None):
     return xb, y[idx[lo:hi]], weight
 
 
-def reduce_gradients(comm, params, loss, weight: float):
+def reduce_gradients(comm, params, loss, weight: float, net=None):
     """Sum ``weight`` x (gradient, loss) over the ranks in one flat buffer; the summed
     gradients replace each ``p.grad``. ``loss`` is this rank's 0-d loss array; -> the
     global mean loss, a 0-d array on the gradients' device (read without a host sync).
     One process: ``loss`` as it is, nothing summed.
 
+    With ``net``, its power iterates ride in the same buffer, weighted 1 on rank 0 and 0
+    elsewhere: every rank leaves with rank 0's iterates, bit for bit. Each rank runs the same
+    power steps, but a GPU's split-K GEMMs add their parts with atomics in no fixed order, so
+    the ranks' iterates would drift apart in the last bits.
+
     The buffer has the gradients' dtype and device (CuPy on NCCL); its size is the
-    parameters' bytes plus one element. Parameters without a gradient stay without one
-    (every rank runs the same graph, so the same ones have none).
+    parameters' bytes (plus the iterates') plus one element. Parameters without a gradient
+    stay without one (every rank runs the same graph, so the same ones have none).
     """
     if comm.size == 1:
         return loss
@@ -109,18 +114,37 @@ def reduce_gradients(comm, params, loss, weight: float):
         raise ValueError("no parameter has a gradient to reduce")
     xp = have[0].xp
     dtype = have[0].grad.dtype
-    buf = xp.empty(sum(p.grad.size for p in have) + 1, dtype=dtype)
+    its = list(net.iterates) if net is not None else []
+    buf = xp.empty(sum(p.grad.size for p in have) + sum(v.size for v in its) + 1, dtype=dtype)
     off = 0
     for p in have:
         xp.multiply(p.grad.ravel(), dtype.type(weight), out=buf[off:off + p.grad.size])
         off += p.grad.size
+    for v in its:
+        xp.multiply(v.ravel(), dtype.type(comm.rank == 0), out=buf[off:off + v.size])
+        off += v.size
     xp.multiply(xp.asarray(loss, dtype=dtype).reshape(1), dtype.type(weight), out=buf[off:])
     comm.allreduce(buf)
     off = 0
     for p in have:
         p.grad = buf[off:off + p.grad.size].reshape(p.grad.shape)
         off += p.grad.size
+    if its:
+        shared = []
+        for v in its:
+            shared.append(buf[off:off + v.size].reshape(v.shape).astype(v.dtype))   # a copy
+            off += v.size
+        net.iterates = shared
     return buf[off:].reshape(()).copy()  # not a view: the buffer goes with the step
+
+
+def share_iterates(comm, net) -> None:
+    """Every rank takes rank 0's power iterates (after a convergence that each rank ran on
+    its own: see reduce_gradients for why their last bits may differ)."""
+    if comm.size == 1:
+        return
+    host = comm.bcast([to_host(v) for v in net.iterates] if comm.rank == 0 else None)
+    net.iterates = [net.xp.asarray(v) for v in host]
 
 
 def state_digest(net, opt) -> str:

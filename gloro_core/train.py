@@ -522,6 +522,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         opt = _make_optimizer(net, cfg.lr, cfg.weight_decay)
         if cfg.converge_start:  # as the authors' code does before its first step
             net.update_lipschitz(tol=1e-2, max_iter=cfg.lipschitz_max_iter, provable=False)
+            parallel.share_iterates(comm, net)
         if lead and run.overwrite:  # the new run is ready: only now does the old one go
             gone = run.clear_outputs()
             if gone:
@@ -562,7 +563,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
             # K ranks: one all-reduce turns the parts' gradients and losses into the global
             # batch's means on every rank (so every rank decides alike below); one process:
             # the loss as it is. A 0-d array: no host sync on a GPU
-            gloss = parallel.reduce_gradients(gcomm, net.parameters(), loss.data, weight)
+            gloss = parallel.reduce_gradients(gcomm, net.parameters(), loss.data, weight, net)
             if cfg.grad_clip is not None:   # the global gradient, alike on every rank
                 clip_grad_norm(net.parameters(), cfg.grad_clip)
             window.append((gloss, len(idx), step))
@@ -587,6 +588,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
         # Converge the power iterates: certification needs the real norm, not an estimate.
         te = time.perf_counter()
         net.update_lipschitz(tol=cfg.lipschitz_tol, max_iter=cfg.lipschitz_max_iter)
+        parallel.share_iterates(comm, net)
         ev = {}
         if val_set is not None:
             ev.update(selection.prefixed("val", _evaluate(comm, net, *val_set, cfg)))

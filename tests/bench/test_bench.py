@@ -134,7 +134,7 @@ def test_memory_and_scaling_records(tmp_path):
 
 def test_data_parallel_records(tmp_path):
     """5c: 4C3F steps/s at K = 1 and 2 ranks (mpiexec), and the all-reduce's bytes: the
-    parameters' (1.97 M float32) plus the loss."""
+    parameters' (1.97 M float32), the power iterates' (rank 0's, shared) and the loss."""
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip('needs the mpi extra: pip install -e ".[mpi]"')
     _, data = _run(tmp_path, "--only", "scale/mpi", "--batch", "16", "--no-torch", timeout=400)
@@ -147,7 +147,8 @@ def test_data_parallel_records(tmp_path):
     nbytes = sum(p.data.nbytes for p in net.parameters())
     assert (k1["ranks"], k2["ranks"]) == (1, 2)
     assert k1["param_bytes"] == k2["param_bytes"] == nbytes == 4 * 1_974_762
-    assert k2["allreduce_bytes"] == nbytes + 4 and k1["allreduce_bytes"] == 0
+    it_bytes = sum(v.nbytes for v in net.iterates)
+    assert k2["allreduce_bytes"] == nbytes + it_bytes + 4 and k1["allreduce_bytes"] == 0
     for r in (k1, k2):
         assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"], rel=1e-9)
     assert "of K=1" in k2["note"] and k2["allreduce_ms"] > 0
