@@ -1,19 +1,23 @@
 """The ``numba`` backend: Numba CPU loops for data movement, BLAS for the GEMMs.
 
-Convolutions are lowered to GEMMs over an im2col matrix laid out as
-``cols (K, nb*P)`` with K = C*kh*kw (row r = (c, p, q)) and column
+Batched convolutions (the CPU default for conv2d and conv2d_grad_input) run the numpy
+backend's wide-row GEMMs (``numpy_backend.conv_wide``) and move each chunk's output with
+one jitted pass: drop the junk columns, transpose to NCHW, add the bias and apply the
+ReLU together, and for a stride-s grad_input (space-to-depth route) scatter the phases
+straight into gx. The results are the numpy backend's bit for bit.
+
+The batch-1 convs (the power method's iterates) are lowered to GEMMs over an im2col
+matrix ``cols (K, nb*P)`` with K = C*kh*kw (row r = (c, p, q)) and column
 m*P + i*OW + j for sample m of a chunk of ``nb`` samples and output pixel (i, j),
 P = OH*OW. Numba builds and scatters those matrices (``prange``, vectorisable
-inner loops over output columns); the GEMMs go to BLAS through ``np.dot``, which
-uses both cores on its own. The batch is processed in chunks whose im2col
-matrix stays cache-sized, so the full (N*P, K) matrix is never materialised:
+inner loops over output columns); the GEMMs go to BLAS through ``np.dot``:
 
     conv2d:             Y (O, nb*P)  = W (O, K) @ cols        -> y[n, o, :] (+ b)
     conv2d_grad_input:  G (K, nb*P)  = W^T @ gy^T (O, nb*P)    -> col2im -> gx
     conv2d_grad_weight: gW (O, K)   += gy^T (O, nb*P) @ cols^T
 
-With a single-sample chunk (nb = 1, the power method's iterates) the (O, P)
-matrices are the NCHW sample itself, so the GEMM reads/writes it in place.
+With a single-sample chunk (nb = 1) the (O, P) matrices are the NCHW sample itself, so
+the GEMM reads/writes it in place. conv2d_grad_weight uses these loops for any batch.
 
 im2col moves whole blocks, not elements: for stride-1 convs whose output width
 equals the input width (SAME), a patch row is the flat input plane shifted by a
@@ -21,11 +25,6 @@ constant, i.e. one contiguous copy plus zeroed edge columns; otherwise one 2-D
 strided block copy per (sample, patch row). col2im adds with explicit row loops
 (a sliced ``+=`` in Numba builds a temporary), one task per (sample, channel). Every loop nest is compiled
 twice (_Twin): small work runs the serial copy, with no parallel launch.
-
-Measured against the ``numpy`` backend (1 BLAS/Numba thread, paper shapes,
-float32): MinMax 2.5-13x faster; batch-1 convs within +-30% (the smallest 1.3-5x
-faster); batch-256 convs mostly 1.1-2x slower (a few stride-1 forwards 1.1-1.2x
-faster); dense the same BLAS calls.
 
 Dense layers are one BLAS call each; MinMax is a Numba loop over channel pairs.
 Every array keeps the input dtype (float32 stays float32). Inputs arrive
@@ -318,10 +317,9 @@ def _out_hw(h, w, kh, kw, stride, pads):
     return (h + pt + pb - kh) // stride[0] + 1, (w + pl + pr - kw) // stride[1] + 1
 
 
-@register("conv2d", "numba")
-@_one_blas_thread
-def conv2d(x, w, b, stride, pads):
-    """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
+def _conv2d_cols(x, w, b, stride, pads):
+    """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW), by the
+    (K, nb*P) im2col above (the batch-1 power iterates)."""
     x = np.ascontiguousarray(x)
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
@@ -355,10 +353,9 @@ def conv2d(x, w, b, stride, pads):
     return y.reshape(n, o, oh, ow)
 
 
-@register("conv2d_grad_input", "numba")
-@_one_blas_thread
-def conv2d_grad_input(gy, w, x_shape, stride, pads):
-    """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W)."""
+def _conv2d_grad_input_cols(gy, w, x_shape, stride, pads):
+    """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W), by
+    GEMM + the col2im above (the batch-1 power iterates)."""
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
     sh, sw = stride
@@ -420,6 +417,120 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
             np.dot(gm, cm.T, out=part)
             gw += part
     return gw.reshape(w_shape)
+
+
+# ---------------------------------------------------------------- batched convs
+# A batch runs the numpy backend's wide-row GEMMs (numpy_backend.conv_wide: im2col by
+# contiguous block copies, chunks split over the worker threads) with the output moved
+# by one jitted pass per chunk instead of NumPy's transpose, bias add and ReLU passes, and
+# a stride-s grad_input's depth-to-space done in that same pass. The passes run serially:
+# they are called in the worker threads, one chunk each.
+
+@njit(cache=True)
+def _wide_to_nchw(yc, n0, y, b, relu, zero):
+    """yc (O, m, OH, WPH) -> y[n0 + mm, o, i, j] = yc[o, mm, i, j] + b[o], then max(., 0)
+    if relu (NaN stays NaN); the WPH - OW junk columns are dropped. ``zero`` is a 0 of
+    y's dtype (keeps the arithmetic in that dtype)."""
+    o_sz, m, oh, _ = yc.shape
+    ow = y.shape[3]
+    for mm in range(m):
+        for o in range(o_sz):
+            bo = b[o]
+            for i in range(oh):
+                src = yc[o, mm, i]
+                dst = y[n0 + mm, o, i]
+                for j in range(ow):
+                    v = src[j] + bo
+                    if relu and v < zero:
+                        v = zero
+                    dst[j] = v
+
+
+@njit(cache=True)
+def _wide_to_d2s(yc, n0, gx, sh, sw, spans_r, spans_c):
+    """Depth-to-space from the inner conv's wide rows: yc (C*sh*sw, m, HZ, WPH), channel
+    (c, a, b) -> gx[n0 + mm, c, r0_a + sh*ii, c0_b + sw*jj] = yc[(c, a, b), mm, i0_a + ii,
+    j0_b + jj] for the spans' (i0, r0, count) rows (phase a) and columns (phase b)."""
+    m = yc.shape[1]
+    c_sz = gx.shape[1]
+    for mm in range(m):
+        for c in range(c_sz):
+            out = gx[n0 + mm, c]
+            for a in range(sh):
+                i0, r0, ci = spans_r[a, 0], spans_r[a, 1], spans_r[a, 2]
+                for ii in range(ci):
+                    row = out[r0 + sh * ii]
+                    for bb in range(sw):
+                        j0, c0, cj = spans_c[bb, 0], spans_c[bb, 1], spans_c[bb, 2]
+                        src = yc[(c * sh + a) * sw + bb, mm, i0 + ii]
+                        for jj in range(cj):
+                            row[c0 + sw * jj] = src[j0 + jj]
+
+
+def _conv2d_batch(x, w, b, stride, pads, relu):
+    g = _numpy_backend._Geom(x.shape, w.shape, stride, pads)
+    if g.k <= _numpy_backend.PER_SAMPLE_MAX_K:  # per-sample GEMMs write NCHW already
+        return _numpy_backend._conv2d(x, w, b, stride, pads, relu)
+    y = buffers.empty((x.shape[0], g.o, g.oh, g.ow), x.dtype)
+    bias = b if b is not None else np.zeros(g.o, x.dtype)  # + 0 leaves every value as it is
+    zero = x.dtype.type(0)
+
+    def store(yc, n0, m):
+        _wide_to_nchw(yc.reshape(g.o, m, g.oh, g.wph), n0, y, bias, relu, zero)
+
+    _numpy_backend.conv_wide(x, w, stride, pads, store)
+    return y
+
+
+@register("conv2d", "numba")
+def conv2d(x, w, b, stride, pads):
+    """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
+    if x.shape[0] == 1:
+        return _one_blas_thread(_conv2d_cols)(x, w, b, stride, pads)
+    return _conv2d_batch(x, w, b, stride, pads, False)
+
+
+@register("conv2d_relu", "numba")
+def conv2d_relu(x, w, b, stride, pads):
+    """relu(conv2d(x, w, b)), the ReLU in the output pass (NaN stays NaN)."""
+    if x.shape[0] == 1:
+        y = _one_blas_thread(_conv2d_cols)(x, w, b, stride, pads)
+        return np.maximum(y, y.dtype.type(0), out=y)
+    return _conv2d_batch(x, w, b, stride, pads, True)
+
+
+@register("conv2d_grad_input", "numba")
+def conv2d_grad_input(gy, w, x_shape, stride, pads):
+    """gy (N, O, OH, OW), w (O, C, kh, kw) -> gx of exactly ``x_shape`` (N, C, H, W).
+
+    A batch takes the numpy backend's routes (stride 1: the flipped-kernel conv; stride s
+    dividing the kernel: space-to-depth) with this backend's output passes."""
+    if gy.shape[0] == 1:
+        return _one_blas_thread(_conv2d_grad_input_cols)(gy, w, x_shape, stride, pads)
+    nb = _numpy_backend
+    c = int(w.shape[1])
+    if tuple(stride) == (1, 1) and c >= nb.FLIP_MIN_CHANNELS:
+        kh, kw = int(w.shape[2]), int(w.shape[3])
+        pt, pb, pl, pr = pads
+        tp = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
+        if min(tp) >= 0:
+            wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+            return _conv2d_batch(gy, wt, None, (1, 1), tp, False)
+    if (tuple(stride) != (1, 1) and c >= nb.S2D_MIN_CHANNELS
+            and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
+        wt, inner_pads, spans_r, spans_c, covered = nb.s2d_plan(w, x_shape, stride, pads)
+        g = nb._Geom(gy.shape, wt.shape, (1, 1), inner_pads)
+        if g.k > nb.PER_SAMPLE_MAX_K:
+            gx = (buffers.empty if covered else buffers.zeros)(tuple(int(v) for v in x_shape), gy.dtype)
+            sr, sc = np.array(spans_r, np.int64), np.array(spans_c, np.int64)
+            sh, sw = stride
+
+            def store(yc, n0, m):
+                _wide_to_d2s(yc.reshape(g.o, m, g.oh, g.wph), n0, gx, sh, sw, sr, sc)
+
+            nb.conv_wide(gy, wt, (1, 1), inner_pads, store)
+            return gx
+    return nb.conv2d_grad_input(gy, w, x_shape, stride, pads)
 
 
 # Dense is one GEMM either way: the numba backend registers the numpy backend's (rows split

@@ -244,22 +244,40 @@ def _conv2d(x, w, b, stride, pads, relu):
         _run_groups(_groups(n, step), run)
         return y
 
+    def store(yc, n0, m):
+        yv = yc.reshape(g.o, m, g.oh, g.wph)[:, :, :, :g.ow].transpose(1, 0, 2, 3)
+        if b is None:
+            y[n0:n0 + m] = yv
+        else:
+            np.add(yv, b[:, None, None], out=y[n0:n0 + m])
+        if relu:
+            np.maximum(y[n0:n0 + m], y.dtype.type(0), out=y[n0:n0 + m])
+
+    conv_wide(x, w, stride, pads, store)
+    return y
+
+
+def conv_wide(x, w, stride, pads, store) -> None:
+    """The conv's GEMMs in the wide-row layout, chunk by chunk, with the output left to
+    ``store(yc, n0, m)``: yc (O, m*T) holds samples n0 .. n0+m-1 as (O, m, OH, WPH), the
+    last WPH - OW columns of each row junk; yc is scratch, valid only during the call.
+    Chunks run in the worker threads (one BLAS thread each), so ``store`` must be
+    thread-safe across disjoint sample ranges and must not start parallel work itself.
+    """
+    g = _Geom(x.shape, w.shape, stride, pads)
+    n = x.shape[0]
+    w2 = w.reshape(g.o, g.k)
+    step = _step(g, n, x.itemsize)
+
     def run(starts):
         for n0 in starts:
             xc = x[n0:n0 + step]
             m = xc.shape[0]
             yc = _scratch("out", (g.o, m * g.t), x.dtype)
             np.matmul(w2, _im2col(xc, g), out=yc)
-            yv = yc.reshape(g.o, m, g.oh, g.wph)[:, :, :, :g.ow].transpose(1, 0, 2, 3)
-            if b is None:
-                y[n0:n0 + m] = yv
-            else:
-                np.add(yv, b[:, None, None], out=y[n0:n0 + m])
-            if relu:
-                np.maximum(y[n0:n0 + m], y.dtype.type(0), out=y[n0:n0 + m])
+            store(yc, n0, m)
 
     _run_groups(_groups(n, step), run)
-    return y
 
 
 @register("conv2d_grad_weight", "numpy")
@@ -364,18 +382,11 @@ def _grad_input_s2d(gy, w, x_shape, stride, pads):
     The result is scattered phase by phase into gx (depth-to-space; padding cropped).
     """
     n, c, h, wd = (int(v) for v in x_shape)
-    o, _, kh, kw = (int(v) for v in w.shape)
     sh, sw = stride
-    pt, _, pl, _ = pads
-    kh2, kw2 = kh // sh, kw // sw
-    wp = w.reshape(o, c, kh2, sh, kw2, sw).transpose(0, 1, 3, 5, 2, 4).reshape(o, c * sh * sw, kh2, kw2)
-    wt = np.ascontiguousarray(wp.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-    gz = conv2d(gy, wt, None, (1, 1), (kh2 - 1, kh2 - 1, kw2 - 1, kw2 - 1))
+    wt, inner_pads, spans_r, spans_c, covered = s2d_plan(w, x_shape, stride, pads)
+    gz = conv2d(gy, wt, None, (1, 1), inner_pads)
     hz, wz = int(gz.shape[2]), int(gz.shape[3])
     g6 = gz.reshape(n, c, sh, sw, hz, wz)
-    spans_r = [_span(a, sh, pt, h, hz) for a in range(sh)]
-    spans_c = [_span(b, sw, pl, wd, wz) for b in range(sw)]
-    covered = sum(s[2] for s in spans_r) == h and sum(s[2] for s in spans_c) == wd
     gx = (buffers.empty if covered else buffers.zeros)((n, c, h, wd), gy.dtype)
 
     def run(part):  # depth-to-space, one strided copy per phase, samples split over threads
@@ -388,8 +399,31 @@ def _grad_input_s2d(gy, w, x_shape, stride, pads):
 
     t = max(1, min(threads.cpu_threads(), n))
     threads.run_parts(run, [(n * j // t, n * (j + 1) // t) for j in range(t)])
-    del gz, g6
     return gx
+
+
+def s2d_plan(w, x_shape, stride, pads):
+    """The pieces of _grad_input_s2d: (wt, inner_pads, spans_r, spans_c, covered).
+
+    wt (C*sh*sw, O, kh/sh, kw/sw) is the flipped, transposed space-to-depth kernel, so
+    that gz = conv2d(gy, wt, stride 1, inner_pads) holds channel (c, a, b) = the gradient
+    of padded pixels (sh*u + a, sw*v + b); spans_r[a] / spans_c[b] are _span's (i0, r0,
+    count) of phase a / b in gz's rows / columns; covered: every input pixel is reached.
+    """
+    _, c, h, wd = (int(v) for v in x_shape)
+    o, _, kh, kw = (int(v) for v in w.shape)
+    sh, sw = stride
+    pt, _, pl, _ = pads
+    kh2, kw2 = kh // sh, kw // sw
+    wp = w.reshape(o, c, kh2, sh, kw2, sw).transpose(0, 1, 3, 5, 2, 4).reshape(o, c * sh * sw, kh2, kw2)
+    wt = np.ascontiguousarray(wp.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    n_out_h = (h + pads[0] + pads[1] - kh) // sh + 1
+    n_out_w = (wd + pads[2] + pads[3] - kw) // sw + 1
+    hz, wz = n_out_h + kh2 - 1, n_out_w + kw2 - 1
+    spans_r = [_span(a, sh, pt, h, hz) for a in range(sh)]
+    spans_c = [_span(b, sw, pl, wd, wz) for b in range(sw)]
+    covered = sum(sp[2] for sp in spans_r) == h and sum(sp[2] for sp in spans_c) == wd
+    return wt, (kh2 - 1, kh2 - 1, kw2 - 1, kw2 - 1), spans_r, spans_c, covered
 
 
 # Stride-s grad_input (kernel divisible by the stride) runs through space-to-depth from this

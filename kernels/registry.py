@@ -39,6 +39,11 @@ DEFAULT_CPU_BY_OP: dict[str, str] = {
     # and 1024 at the 2C2F/4C3F activation shapes; e.g. grad (256,32,28,28): 36.6 -> 3.9 ms)
     "minmax": "numba",
     "minmax_grad": "numba",
+    # the numpy backend's GEMMs with one jitted output pass per chunk instead of NumPy's
+    # transpose, bias and ReLU passes (and a stride-s grad_input's depth-to-space in that
+    # pass): bit-identical to numpy's results, and faster at batch 256
+    "conv2d": "numba",
+    "conv2d_grad_input": "numba",
 }
 # Defaults for a batch of one (``like.shape[0] == 1``: the power method's iterates), where
 # Python/im2col overhead dominates the small GEMM; bench/run.py and the kernel notes measured
