@@ -40,6 +40,7 @@ import numpy as np
 
 from . import buffers
 from . import numpy_backend as _numpy_backend
+from . import winograd as _winograd
 from .threads import single_blas_thread as _single_blas_thread
 from .registry import register
 
@@ -468,6 +469,8 @@ def _wide_to_d2s(yc, n0, gx, sh, sw, spans_r, spans_c):
 
 
 def _conv2d_batch(x, w, b, stride, pads, relu):
+    if _winograd.applies(x.shape, w.shape, stride, pads):
+        return _winograd.conv2d(x, w, b, pads, relu)
     g = _numpy_backend._Geom(x.shape, w.shape, stride, pads)
     if g.k <= _numpy_backend.PER_SAMPLE_MAX_K:  # per-sample GEMMs write NCHW already
         return _numpy_backend._conv2d(x, w, b, stride, pads, relu)
