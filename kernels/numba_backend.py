@@ -471,9 +471,9 @@ def _wide_to_d2s(yc, n0, gx, sh, sw, spans_r, spans_c):
 def _conv2d_batch(x, w, b, stride, pads, relu):
     if _winograd.applies(x.shape, w.shape, stride, pads):
         return _winograd.conv2d(x, w, b, pads, relu)
+    # also for few patch rows (the first layers), where the numpy backend runs per-sample
+    # GEMMs instead: with this output pass the wide layout is the faster one there too
     g = _numpy_backend._Geom(x.shape, w.shape, stride, pads)
-    if g.k <= _numpy_backend.PER_SAMPLE_MAX_K:  # per-sample GEMMs write NCHW already
-        return _numpy_backend._conv2d(x, w, b, stride, pads, relu)
     y = buffers.empty((x.shape[0], g.o, g.oh, g.ow), x.dtype)
     bias = b if b is not None else np.zeros(g.o, x.dtype)  # + 0 leaves every value as it is
     zero = x.dtype.type(0)
@@ -523,16 +523,15 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
             and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
         wt, inner_pads, spans_r, spans_c, covered = nb.s2d_plan(w, x_shape, stride, pads)
         g = nb._Geom(gy.shape, wt.shape, (1, 1), inner_pads)
-        if g.k > nb.PER_SAMPLE_MAX_K:
-            gx = (buffers.empty if covered else buffers.zeros)(tuple(int(v) for v in x_shape), gy.dtype)
-            sr, sc = np.array(spans_r, np.int64), np.array(spans_c, np.int64)
-            sh, sw = stride
+        gx = (buffers.empty if covered else buffers.zeros)(tuple(int(v) for v in x_shape), gy.dtype)
+        sr, sc = np.array(spans_r, np.int64), np.array(spans_c, np.int64)
+        sh, sw = stride
 
-            def store(yc, n0, m):
-                _wide_to_d2s(yc.reshape(g.o, m, g.oh, g.wph), n0, gx, sh, sw, sr, sc)
+        def store(yc, n0, m):
+            _wide_to_d2s(yc.reshape(g.o, m, g.oh, g.wph), n0, gx, sh, sw, sr, sc)
 
-            nb.conv_wide(gy, wt, (1, 1), inner_pads, store)
-            return gx
+        nb.conv_wide(gy, wt, (1, 1), inner_pads, store)
+        return gx
     return nb.conv2d_grad_input(gy, w, x_shape, stride, pads)
 
 
