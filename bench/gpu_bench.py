@@ -31,10 +31,6 @@ import time
 
 import numpy as np
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 # (label, x shape (N, C, H, W), weight (O, C, k, k), stride): 2C2F and 6C2F/4C3F layers, batch 256
 CONV_LAYERS = [
     ("2C2F.c1", (256, 1, 28, 28), (16, 1, 4, 4), 2),
