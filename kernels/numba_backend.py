@@ -14,10 +14,10 @@ inner loops over output columns); the GEMMs go to BLAS through ``np.dot``:
 
     conv2d:             Y (O, nb*P)  = W (O, K) @ cols        -> y[n, o, :] (+ b)
     conv2d_grad_input:  G (K, nb*P)  = W^T @ gy^T (O, nb*P)    -> col2im -> gx
-    conv2d_grad_weight: gW (O, K)   += gy^T (O, nb*P) @ cols^T
 
 With a single-sample chunk (nb = 1) the (O, P) matrices are the NCHW sample itself, so
-the GEMM reads/writes it in place. conv2d_grad_weight uses these loops for any batch.
+the GEMM reads/writes it in place. conv2d_grad_weight is the numpy backend's, or Winograd's
+where the forward runs Winograd.
 
 im2col moves whole blocks, not elements: for stride-1 convs whose output width
 equals the input width (SAME), a patch row is the flat input plane shifted by a
@@ -388,36 +388,12 @@ def _conv2d_grad_input_cols(gy, w, x_shape, stride, pads):
 
 
 @register("conv2d_grad_weight", "numba")
-@_one_blas_thread
 def conv2d_grad_weight(x, gy, w_shape, stride, pads):
-    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw)."""
-    x = np.ascontiguousarray(x)
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w_shape
-    sh, sw = stride
-    oh, ow = gy.shape[2], gy.shape[3]
-    k, p = c * kh * kw, oh * ow
-    g3 = np.ascontiguousarray(gy).reshape(n, o, p)
-    gw = np.zeros((o, k), dtype=x.dtype)
-    part = np.empty((o, k), dtype=x.dtype)
-    nb = _chunk(n, k, p)
-    cols = np.empty((k, nb * p), dtype=x.dtype)
-    gmat = np.empty((o, nb * p), dtype=x.dtype) if nb > 1 else None
-    for n0 in range(0, n, nb):
-        m = min(nb, n - n0)
-        if m == nb:
-            cm, gm = cols, (gmat if nb > 1 else g3[n0])
-        else:
-            cm, gm = np.empty((k, m * p), dtype=x.dtype), np.empty((o, m * p), dtype=x.dtype)
-        _im2col(cm.size, x, n0, cm, kh, kw, sh, sw, pads[0], pads[2], oh, ow)
-        if nb > 1:
-            _nchw_to_cols(gm.size, g3, n0, gm)
-        if n0 == 0:
-            np.dot(gm, cm.T, out=gw)
-        else:
-            np.dot(gm, cm.T, out=part)
-            gw += part
-    return gw.reshape(w_shape)
+    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, kh, kw): Winograd where the forward
+    takes it (kernels/winograd.py), else the numpy backend's im2col GEMMs."""
+    if x.shape[0] > 1 and _winograd.applies(x.shape, w_shape, stride, pads):
+        return _winograd.grad_weight(x, gy, pads)
+    return _numpy_backend.conv2d_grad_weight(x, gy, w_shape, stride, pads)
 
 
 # ---------------------------------------------------------------- batched convs

@@ -44,6 +44,8 @@ DEFAULT_CPU_BY_OP: dict[str, str] = {
     # pass): bit-identical to numpy's results, and faster at batch 256
     "conv2d": "numba",
     "conv2d_grad_input": "numba",
+    # Winograd for the layers the forward takes it for, else the numpy backend's GEMMs
+    "conv2d_grad_weight": "numba",
 }
 # Defaults for a batch of one (``like.shape[0] == 1``: the power method's iterates), where
 # Python/im2col overhead dominates the small GEMM; bench/run.py and the kernel notes measured

@@ -10,6 +10,9 @@ positions kk = 4k + l of the 4x4 arrays is one GEMM (BLAS):
 
     M[kk] (O, P) = U[kk] (O, C) @ V[kk] (C, P),   P = the chunk's tiles,
 
+and the weight gradient runs the same transforms backwards: gU[kk] = (A gY A^T)[kk] @
+V[kk]^T, summed over chunks (16 GEMMs whose inner dimension is P), then gw = G^T gU G.
+
     B^T = [1  0 -1  0]    G = [1    0    0  ]    A^T = [1  1  1  0]
           [0  1  1  0]        [1/2  1/2  1/2]          [0  1 -1 -1]
           [0 -1  1  0]        [1/2 -1/2  1/2]
@@ -199,3 +202,68 @@ def conv2d(x, w, b, pads, relu):
 
     _npb._run_groups(_npb._groups(n, step), run)
     return y
+
+
+def _tile_grads(gy, n0, m, th, tw, out):
+    """out (2, 2, O, m, th+1, tw+1): out[i, j, o, s, ti, tj] = gy[n0 + s, o, 2ti + i, 2tj + j],
+    the junk tiles (ti = th or tj = tw) 0."""
+    out[:, :, :, :, th, :] = 0
+    out[:, :, :, :, :, tw] = 0
+    for i in range(2):
+        for j in range(2):
+            out[i, j, :, :, :th, :tw] = gy[n0:n0 + m, :, i::2, j::2].transpose(1, 0, 2, 3)
+
+
+def _grad_transform(g, gm):
+    """g (2, 2, R) tile gradients (the 2x2 outputs of every tile, flat) -> gm (16, R) =
+    A gY A^T, the adjoint of the output transform: with A^T's rows (1 1 1 0) and
+    (0 1 -1 -1), row k of A gY is (g0j, g0j + g1j, g0j - g1j, -g1j)[k], and likewise
+    for the columns."""
+    g00, g01, g10, g11 = g[0, 0], g[0, 1], g[1, 0], g[1, 1]
+    rows = ((g00, g01), (g00 + g10, g01 + g11), (g00 - g10, g01 - g11), (-g10, -g11))
+    for k, (r0, r1) in enumerate(rows):
+        gm[4 * k] = r0
+        np.add(r0, r1, out=gm[4 * k + 1])
+        np.subtract(r0, r1, out=gm[4 * k + 2])
+        np.negative(r1, out=gm[4 * k + 3])
+
+
+def grad_weight(x, gy, pads):
+    """x (N, C, H, W), gy (N, O, OH, OW) -> gw (O, C, 3, 3): the weight gradient of
+    ``conv2d``, by the same transforms: gU[kk] = sum over tiles of (A gY A^T)[kk] V[kk]^T
+    (16 GEMMs whose inner dimension is the chunk's tiles), then gw = G^T gU G."""
+    n, c = int(x.shape[0]), int(x.shape[1])
+    o = int(gy.shape[1])
+    th, tw = int(gy.shape[2]) // 2, int(gy.shape[3]) // 2
+    plane = (th + 1) * (tw + 1)
+    step = max(1, min(n, CHUNK_COLS // plane, -(-n // threads.cpu_threads())))
+
+    def run(starts):  # one accumulator per group, summed in group order (deterministic)
+        gu = np.zeros((16, o, c), x.dtype)
+        for n0 in starts:
+            m = min(step, n - n0)
+            length = c * m * plane
+            xp = _npb._scratch("wg_x", (2, 2, c, m, th + 1, tw + 1), x.dtype)
+            _parity_planes(x[n0:n0 + m], pads, th, tw, xp)
+            e = _npb._scratch("wg_e", (4, 2, length), x.dtype)
+            v = _npb._scratch("wg_v", (16, c, m * plane), x.dtype)
+            last = length - tw - 2
+            # the uncomputed junk tiles meet zero tile gradients in the GEMM: they must be
+            # finite, so they are zeroed here
+            v.reshape(16, length)[:, last:] = 0
+            _input_transform(xp.reshape(2, 2, length), e, v.reshape(16, length), tw + 1, last)
+            gt = _npb._scratch("wg_g", (2, 2, o, m, th + 1, tw + 1), x.dtype)
+            _tile_grads(gy, n0, m, th, tw, gt)
+            gm = _npb._scratch("wg_m", (16, o, m * plane), x.dtype)
+            _grad_transform(gt.reshape(2, 2, -1), gm.reshape(16, -1))
+            part = _npb._scratch("wg_u", (16, o, c), x.dtype)
+            np.matmul(gm, v.transpose(0, 2, 1), out=part)
+            gu += part
+        return gu
+
+    parts = _npb._run_groups(_npb._groups(n, step), run)
+    gu = parts[0]
+    for other in parts[1:]:
+        gu += other
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=x.dtype)
+    return np.ascontiguousarray(np.einsum("ka,klod,lb->odab", g, gu.reshape(4, 4, o, c), g))

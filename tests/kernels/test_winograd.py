@@ -62,6 +62,31 @@ def test_winograd_matches_the_oracle(rng, case, dtype, chunk_cols, workers, any_
         threads.set_blas_threads(before)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("chunk_cols", [1, 10 ** 6], ids=["1-sample-chunks", "one-chunk"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_winograd_weight_gradient_matches_the_oracle(rng, case, dtype, chunk_cols, workers, any_size, monkeypatch):
+    monkeypatch.setattr(winograd, "CHUNK_COLS", chunk_cols)
+    before = threads.blas_threads()
+    if workers > 1 and not threads.has_blas_control():
+        pytest.skip("no BLAS thread control here")
+    threads.set_blas_threads(workers)
+    try:
+        x, w, _, pads = _inputs(rng, case, dtype)
+        y = reference.conv2d(x, w, None, (1, 1), pads)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        got = winograd.grad_weight(x, gy, pads)
+        want = reference.conv2d_grad_weight(x.astype(np.float64), gy.astype(np.float64), w.shape, (1, 1), pads)
+        mag = reference.conv2d_grad_weight(np.abs(x).astype(np.float64), np.abs(gy).astype(np.float64), w.shape,
+                                           (1, 1), pads)
+        assert got.shape == w.shape and got.dtype == dtype
+        err = np.abs(got - want) / (mag + 1e-30)
+        assert err.max() <= (2e-6 if dtype == np.float32 else 1e-13), err.max()
+    finally:
+        threads.set_blas_threads(before)
+
+
 def test_applies_only_where_it_is_meant_to():
     ok = ((8, 32, 32, 32), (32, 32, 3, 3), (1, 1), (1, 1, 1, 1))
     assert winograd.applies(*ok)  # 6C2F.c2
@@ -93,6 +118,14 @@ def test_the_numba_backend_runs_it_for_the_shapes_it_applies_to(rng, monkeypatch
     want = reference.conv2d_grad_input(gy.astype(np.float64), w.astype(np.float64), x.shape, (1, 1), (1, 1, 1, 1))
     mag = reference.conv2d_grad_input(np.abs(gy), np.abs(w), x.shape, (1, 1), (1, 1, 1, 1))
     assert (np.abs(gx - want) / mag).max() < 2e-6
+    # and its weight gradient
+    real_gw, gw_calls = winograd.grad_weight, []
+    monkeypatch.setattr(winograd, "grad_weight", lambda *a: gw_calls.append(1) or real_gw(*a))
+    gw = numba_backend.conv2d_grad_weight(x, gy, w.shape, (1, 1), (1, 1, 1, 1))
+    assert gw_calls
+    want = reference.conv2d_grad_weight(x.astype(np.float64), gy.astype(np.float64), w.shape, (1, 1), (1, 1, 1, 1))
+    mag = reference.conv2d_grad_weight(np.abs(x), np.abs(gy), w.shape, (1, 1), (1, 1, 1, 1))
+    assert (np.abs(gw - want) / mag).max() < 2e-6
 
 
 def test_junk_tiles_never_reach_the_output_from_a_nan_dirty_scratch(rng, any_size):
@@ -105,3 +138,8 @@ def test_junk_tiles_never_reach_the_output_from_a_nan_dirty_scratch(rng, any_siz
         if slot.startswith("wg_"):
             buf.fill(np.nan)
     assert np.all(np.isfinite(winograd.conv2d(x, w, b, pads, False)))
+    gy = rng.standard_normal((x.shape[0], w.shape[0], 8, 8)).astype(np.float32)
+    for (slot, _), buf in numpy_backend._local.pool.items():
+        if slot.startswith("wg_"):
+            buf.fill(np.nan)
+    assert np.all(np.isfinite(winograd.grad_weight(x, gy, pads)))
