@@ -1,5 +1,6 @@
-"""Where a training step's time goes: per op and per layer shape, with the im2col vs GEMM split
-inside the numpy backend's conv ops (issue 10, part 2's "profile first").
+"""Where a training step's time goes: per op and per layer shape, with the GEMM share inside
+the conv ops (the numpy backend's im2col GEMMs, which the numba backend's batched convs run
+too, and Winograd's 16 GEMMs) (issue 10, part 2's "profile first").
 
 python bench/profile/conv_profile.py [--steps 15] [--json out.json]
 Ours only; the PyTorch side is bench/profile/torch_conv_ops.py (its own process).
@@ -20,7 +21,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
 import numpy as np  # noqa: E402
 
-from kernels import numpy_backend, registry  # noqa: E402
+from kernels import numpy_backend, registry, winograd  # noqa: E402
 
 _T = collections.defaultdict(float)     # (op, backend, shape-key) -> seconds, this step
 _GEMM = collections.defaultdict(float)  # thread-seconds in np.matmul inside numpy convs
@@ -76,6 +77,7 @@ def install():
                     _OP_KEY[0] = None
         registry._IMPLS[(op, be)] = wrapped
     numpy_backend.np = _NpProxy()
+    winograd.np = _NpProxy()  # its 16 GEMMs per chunk
 
 
 def profile(arch, kind, n, steps):
