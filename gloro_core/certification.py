@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from kernels.registry import is_gpu_array, to_host
+from kernels.registry import direct_sums, is_gpu_array, to_host
 from nn.tensor import Tensor, no_grad
 
 from . import bounds, decision, rounding
@@ -180,7 +180,14 @@ class Certifier:
         Overflow: every partial sum of an output is at most |W| |h| + |b| <= e_out /
         gamma, so a row whose e_out (1 + gamma) / gamma may pass the dtype's largest value
         (or whose computed output is not finite) may have overflowed: its error is inf.
+
+        Both facts need each output to be a sum of its products: the pass runs within
+        ``kernels.direct_sums()`` (no Winograd, whose transformed operands break both).
         """
+        with direct_sums():
+            return self._forward_with_error(x)
+
+    def _forward_with_error(self, x):
         xd, xorig = self.net._check_x(x)
         xp = self.net.xp
         e = xp.abs(xorig.astype(np.float64) - xd.astype(np.float64))
@@ -224,14 +231,16 @@ class Certifier:
         """Logits in the model dtype plus the cheap norm-wise rounding bound (rounding.py).
 
         x (n, *input_shape) -> (y (n, m) model dtype on the host, err (n, m) float64).
-        Costs one ordinary forward pass plus O(n·d) on the input.
+        Costs one ordinary forward pass plus O(n·d) on the input; the pass runs within
+        ``kernels.direct_sums()``, as the bound is for sums of products (see
+        :meth:`forward_with_error`).
         """
         xd, xorig = self.net._check_x(x)
         n, dim = xd.shape[0], math.prod(self.net.input_shape)  # reshape(0, -1) fails: empty batches
         # one Numba pass, 0.06 ms at 2C2F b1024: on a pool thread next to the forward pass it
         # competed with the forward's two threads (certify/plain 1.050 vs 1.027 inline)
         sq = rounding.sq_norms(xd.reshape(n, dim))
-        with no_grad():
+        with no_grad(), direct_sums():
             y = to_host(self.net.forward(Tensor(xd)).data)
         if xorig.dtype == xd.dtype:
             e_in = np.zeros(n)

@@ -21,7 +21,7 @@ from .api import (
 )
 from .checks import conv_out_hw, resolve_padding
 from .fused import adam_update
-from .registry import array_module, availability, backends, is_gpu_array
+from .registry import array_module, availability, backends, direct_sums, is_gpu_array
 from .threads import cpu_threads
 
 OPS = (
@@ -53,6 +53,7 @@ __all__ = [
     "dense_grad_bias",
     "dense_grad_input",
     "dense_grad_weight",
+    "direct_sums",
     "is_gpu_array",
     "minmax",
     "minmax_grad",

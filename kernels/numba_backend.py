@@ -1,10 +1,12 @@
 """The ``numba`` backend: Numba CPU loops for data movement, BLAS for the GEMMs.
 
-Batched convolutions (the CPU default for conv2d and conv2d_grad_input) run the numpy
-backend's wide-row GEMMs (``numpy_backend.conv_wide``) and move each chunk's output with
-one jitted pass: drop the junk columns, transpose to NCHW, add the bias and apply the
-ReLU together, and for a stride-s grad_input (space-to-depth route) scatter the phases
-straight into gx. The results are the numpy backend's bit for bit.
+Batched convolutions (the CPU default for the conv ops) run the numpy backend's wide-row
+GEMMs (``numpy_backend.conv_wide``) and move each chunk's output with one jitted pass: drop
+the junk columns, transpose to NCHW, add the bias and apply the ReLU together, and for a
+stride-s grad_input (space-to-depth route) scatter the phases straight into gx. Where the
+numpy backend runs the same GEMMs the results are its own bit for bit (it runs convs with
+few patch rows as per-sample GEMMs instead). 3x3 stride-1 layers with large outputs run
+Winograd F(2x2,3x3) (kernels/winograd.py) unless within ``registry.direct_sums()``.
 
 The batch-1 convs (the power method's iterates) are lowered to GEMMs over an im2col
 matrix ``cols (K, nb*P)`` with K = C*kh*kw (row r = (c, p, q)) and column
@@ -403,7 +405,7 @@ def conv2d_grad_weight(x, gy, w_shape, stride, pads):
 # a stride-s grad_input's depth-to-space done in that same pass. The passes run serially:
 # they are called in the worker threads, one chunk each.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _wide_to_nchw(yc, n0, y, b, relu, zero):
     """yc (O, m, OH, WPH) -> y[n0 + mm, o, i, j] = yc[o, mm, i, j] + b[o], then max(., 0)
     if relu (NaN stays NaN); the WPH - OW junk columns are dropped. ``zero`` is a 0 of
@@ -423,7 +425,7 @@ def _wide_to_nchw(yc, n0, y, b, relu, zero):
                     dst[j] = v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _wide_to_d2s(yc, n0, gx, sh, sw, spans_r, spans_c):
     """Depth-to-space from the inner conv's wide rows: yc (C*sh*sw, m, HZ, WPH), channel
     (c, a, b) -> gx[n0 + mm, c, r0_a + sh*ii, c0_b + sw*jj] = yc[(c, a, b), mm, i0_a + ii,
@@ -444,6 +446,11 @@ def _wide_to_d2s(yc, n0, gx, sh, sw, spans_r, spans_c):
                             row[c0 + sw * jj] = src[j0 + jj]
 
 
+# the batch-1 (power iterate) paths with OpenBLAS pinned to one thread
+_conv2d_cols_1 = _one_blas_thread(_conv2d_cols)
+_conv2d_grad_input_cols_1 = _one_blas_thread(_conv2d_grad_input_cols)
+
+
 def _conv2d_batch(x, w, b, stride, pads, relu):
     if _winograd.applies(x.shape, w.shape, stride, pads):
         return _winograd.conv2d(x, w, b, pads, relu)
@@ -451,7 +458,7 @@ def _conv2d_batch(x, w, b, stride, pads, relu):
     # GEMMs instead: with this output pass the wide layout is the faster one there too
     g = _numpy_backend._Geom(x.shape, w.shape, stride, pads)
     y = buffers.empty((x.shape[0], g.o, g.oh, g.ow), x.dtype)
-    bias = b if b is not None else np.zeros(g.o, x.dtype)  # + 0 leaves every value as it is
+    bias = b if b is not None else np.zeros(g.o, x.dtype)  # + 0: the value (a -0 becomes +0)
     zero = x.dtype.type(0)
 
     def store(yc, n0, m):
@@ -465,7 +472,7 @@ def _conv2d_batch(x, w, b, stride, pads, relu):
 def conv2d(x, w, b, stride, pads):
     """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> y (N, O, OH, OW)."""
     if x.shape[0] == 1:
-        return _one_blas_thread(_conv2d_cols)(x, w, b, stride, pads)
+        return _conv2d_cols_1(x, w, b, stride, pads)
     return _conv2d_batch(x, w, b, stride, pads, False)
 
 
@@ -473,7 +480,7 @@ def conv2d(x, w, b, stride, pads):
 def conv2d_relu(x, w, b, stride, pads):
     """relu(conv2d(x, w, b)), the ReLU in the output pass (NaN stays NaN)."""
     if x.shape[0] == 1:
-        y = _one_blas_thread(_conv2d_cols)(x, w, b, stride, pads)
+        y = _conv2d_cols_1(x, w, b, stride, pads)
         return np.maximum(y, y.dtype.type(0), out=y)
     return _conv2d_batch(x, w, b, stride, pads, True)
 
@@ -485,7 +492,7 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     A batch takes the numpy backend's routes (stride 1: the flipped-kernel conv; stride s
     dividing the kernel: space-to-depth) with this backend's output passes."""
     if gy.shape[0] == 1:
-        return _one_blas_thread(_conv2d_grad_input_cols)(gy, w, x_shape, stride, pads)
+        return _conv2d_grad_input_cols_1(gy, w, x_shape, stride, pads)
     nb = _numpy_backend
     c = int(w.shape[1])
     if tuple(stride) == (1, 1) and c >= nb.FLIP_MIN_CHANNELS:

@@ -1,4 +1,5 @@
-"""The ``numpy`` backend: im2col + one BLAS GEMM per batch chunk; the default CPU path.
+"""The ``numpy`` backend: im2col + one BLAS GEMM per batch chunk (the numba backend runs
+these GEMMs too, with jitted output passes: the CPU default for batched convs).
 
 Convolution as a matrix product. For a chunk of ``m`` samples the patches are
 copied into

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import os
 import sys
+import threading
 
 # backend name -> (module that registers it, device kind)
 BACKEND_MODULES: dict[str, tuple[str, str]] = {
@@ -41,7 +42,7 @@ DEFAULT_CPU_BY_OP: dict[str, str] = {
     "minmax_grad": "numba",
     # the numpy backend's GEMMs with one jitted output pass per chunk instead of NumPy's
     # transpose, bias and ReLU passes (and a stride-s grad_input's depth-to-space in that
-    # pass): bit-identical to numpy's results, and faster at batch 256
+    # pass), and Winograd for large 3x3 layers: faster at batch 256
     "conv2d": "numba",
     "conv2d_grad_input": "numba",
     # Winograd for the layers the forward takes it for, else the numpy backend's GEMMs
@@ -194,6 +195,26 @@ def default_backend(name: str | None):
         yield
     finally:
         _DEFAULT = prev
+
+
+_SUMS = threading.local()
+
+
+@contextlib.contextmanager
+def direct_sums():
+    """Within the block, in this thread, every conv output is computed as a sum of its
+    products (in any order): no algorithm that transforms the operands (Winograd) runs.
+    The rounding-error bounds certification proves with hold only for such sums."""
+    _SUMS.depth = getattr(_SUMS, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SUMS.depth -= 1
+
+
+def direct_sums_only() -> bool:
+    """Whether this thread is within :func:`direct_sums`."""
+    return getattr(_SUMS, "depth", 0) > 0
 
 
 def select(op: str, like, backend: str | None = None) -> str:

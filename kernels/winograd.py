@@ -30,17 +30,21 @@ tiles with i = th or j = tw are junk (computed, never stored); they cost
 Only for pads of 0 or 1, even output sizes and outputs large enough that the junk tiles
 cost little (32x32 and up: 6C2F's second layer and its flipped-kernel grad_input, 7C1F's
 first layers); ``applies`` says when, and the numba backend's batched conv2d takes this
-path then. Every coefficient above is exact in binary; each V and Y value adds at most 9
-terms, so the rounding error stays within a small factor of the direct sum's
-(tests/kernels/test_winograd.py checks it against the oracle in float32 and float64). A
+path then. Its outputs are accurate (tests/kernels/test_winograd.py checks them against the
+oracle in float32 and float64), but they are not sums of the products w x: the rounded
+transforms cancel only in exact arithmetic, so the dot-product rounding bound that
+certification proves with does not hold per output (a sparse, uneven kernel breaks it by
+orders of magnitude), and a partial sum can overflow where the products' sum does not. The
+certifier therefore runs its passes under ``kernels.direct_sums()``, which turns this path
+off. A
 non-finite input reaches all four outputs of every tile whose 4x4 patch holds it (one
-pixel further than the 3x3 windows of a direct sum), as NaN.
+pixel further than the 3x3 windows of a direct sum), as NaN (inf - inf in the transforms).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import buffers, threads
+from . import buffers, registry, threads
 from . import numpy_backend as _npb
 
 try:
@@ -60,8 +64,9 @@ CHUNK_COLS = 1024
 
 def applies(x_shape, w_shape, stride, pads) -> bool:
     """Whether conv2d(x, w, stride, pads) runs here: 3x3, stride 1, C >= MIN_CHANNELS, pads
-    of 0 or 1, an even output height and width, and few junk tiles (MAX_TILE_RATIO)."""
-    if njit is None:
+    of 0 or 1, an even output height and width, and few junk tiles (MAX_TILE_RATIO); never
+    within ``registry.direct_sums()``."""
+    if njit is None or registry.direct_sums_only():
         return False
     _, c, h, wd = (int(v) for v in x_shape)
     kh, kw = int(w_shape[2]), int(w_shape[3])
@@ -84,7 +89,7 @@ def kernel_transform(w) -> np.ndarray:
 
 
 if njit is not None:
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _lin2(out, so, a, sa, ca, b, sb, cb, n):
         """out[so + q] = ca a[sa + q] + cb b[sb + q] for q < n; ca, cb are +-1 (exact).
         Unsigned offsets: Numba then emits no negative-index wraparound, and the loop
@@ -92,13 +97,13 @@ if njit is not None:
         for q in range(n):
             out[so + q] = ca * a[sa + q] + cb * b[sb + q]
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _lin3(out, a, ca, b, cb, c, cc, n):
         """out[q] = ca a[q] + cb b[q] + cc c[q] for q < n (ca, cb, cc = +-1)."""
         for q in range(n):
             out[q] = ca * a[q] + cb * b[q] + cc * c[q]
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _input_transform(x, e, v, w1, n):
         """x (2, 2, L): the parity planes, flat; e (4, 2, L) scratch; v (16, L) <- B^T d B
         at every flat tile index q < n (n + w1 + 1 <= L)."""
@@ -118,7 +123,7 @@ if njit is not None:
             _lin2(v[4 * k + 2], z, e0, o1, one, e1, z, -one, n0)
             _lin2(v[4 * k + 3], z, e1, z, one, e1, o1, -one, n0)
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _output_transform(mt, s, n0, y, b, relu, zero):
         """mt (16, O, m, th+1, tw+1) GEMM outputs (the last row and column of tiles junk);
         s (2, 4, O*m*(th+1)*(tw+1)) scratch ->

@@ -73,7 +73,7 @@ def test_batched_conv_ops_equal_numpy_and_the_oracle(rng, case, dtype, workers, 
         assert np.all(np.abs(got - want) <= tol * (mag + 1e-30)), (what, np.abs(got - want).max())
 
     # numpy's per-sample GEMMs (few patch rows) sum in another order than the wide GEMM
-    n, c, h, wd, o, kh, kw, s, p = case
+    _, c, _, _, o, kh, kw, _, _ = case
     same_gemms = c * kh * kw > npb.PER_SAMPLE_MAX_K
     for bias in (b, None):
         y = nbb.conv2d(x, w, bias, st, pads)
@@ -95,11 +95,13 @@ def test_batched_conv_ops_equal_numpy_and_the_oracle(rng, case, dtype, workers, 
           reference.conv2d_grad_input(np.abs(gy), np.abs(w), x.shape, st, pads), "grad_input")
 
 
-def test_unreached_input_pixels_get_a_zero_gradient_in_a_dirty_buffer(rng):
+def test_unreached_input_pixels_get_a_zero_gradient_in_a_dirty_buffer(rng, monkeypatch):
     """'valid' 2x2/2 on 11x11: row and column 10 are read by no window. gx comes from the
-    buffer pool, so first fill the pool with NaN-laden arrays of the same shape."""
+    buffer pool (made to serve arrays this small), so first fill the pool with NaN-laden
+    arrays of the same shape."""
     from kernels import buffers
 
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
     x, w, _, gy, st, pads = _inputs(rng, (3, 6, 11, 11, 3, 2, 2, 2, "valid"), np.float32)
     for _ in range(3):
         junk = buffers.empty(x.shape, np.float32)
@@ -126,3 +128,17 @@ def test_batched_numba_convs_are_the_cpu_default():
     x = np.zeros((256, 16, 14, 14), np.float32)
     for op in ("conv2d", "conv2d_grad_input"):
         assert registry.select(op, x) == "numba"
+
+
+def test_non_contiguous_inputs(rng):
+    """x as a channel slice and gy as a transposed view reach the same results."""
+    x, w, b, gy, st, pads = _inputs(rng, (4, 20, 14, 14, 16, 4, 4, 2, "same"), np.float32)
+    xv = x[:, 2:18]
+    wv = np.ascontiguousarray(w[:, 2:18])
+    gyt = np.ascontiguousarray(gy.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not xv.flags.c_contiguous and not gyt.flags.c_contiguous
+    assert np.array_equal(nbb.conv2d_relu(xv, wv, b, st, pads), nbb.conv2d_relu(np.ascontiguousarray(xv), wv, b, st, pads))
+    gx = nbb.conv2d_grad_input(gyt, wv, xv.shape, st, pads)
+    assert np.array_equal(gx, nbb.conv2d_grad_input(np.ascontiguousarray(gyt), wv, xv.shape, st, pads))
+    gw = nbb.conv2d_grad_weight(xv, gyt, wv.shape, st, pads)
+    assert np.array_equal(gw, nbb.conv2d_grad_weight(np.ascontiguousarray(xv), np.ascontiguousarray(gyt), wv.shape, st, pads))
