@@ -174,10 +174,28 @@ def _parity_planes(x, pads, th, tw, out):
                 out[rp, cp, :, :, i0:i0 + rows, j0:j0 + cols] = x[:, :, r0::2, c0::2].transpose(1, 0, 2, 3)
 
 
+def _transformed_input(xc, pads, th, tw, zero_tail):
+    """xc (m, C, H, W), one chunk -> V (16, C, m (th+1)(tw+1)) in scratch: B^T d B of every
+    tile of the wide grid. The last tw + 2 flat tiles would read past the parity planes;
+    they are junk tiles (the last plane's row th) and are left as they are, or zeroed
+    where ``zero_tail`` (when they enter a sum rather than outputs that are never stored)."""
+    m, c = int(xc.shape[0]), int(xc.shape[1])
+    length = c * m * (th + 1) * (tw + 1)
+    xp = _npb._scratch("wg_x", (2, 2, c, m, th + 1, tw + 1), xc.dtype)
+    _parity_planes(xc, pads, th, tw, xp)
+    e = _npb._scratch("wg_e", (4, 2, length), xc.dtype)
+    v = _npb._scratch("wg_v", (16, c, length // c), xc.dtype)
+    last = length - tw - 2
+    if zero_tail:
+        v.reshape(16, length)[:, last:] = 0
+    _input_transform(xp.reshape(2, 2, length), e, v.reshape(16, length), tw + 1, last)
+    return v
+
+
 def conv2d(x, w, b, pads, relu):
     """x (N, C, H, W), w (O, C, 3, 3), b (O,) or None -> y (N, O, OH, OW), max(y, 0) if
     relu; stride 1, for the shapes ``applies`` accepts."""
-    n, c = int(x.shape[0]), int(x.shape[1])
+    n = int(x.shape[0])
     o = int(w.shape[0])
     oh = int(x.shape[2]) + pads[0] + pads[1] - 2
     ow = int(x.shape[3]) + pads[2] + pads[3] - 2
@@ -192,14 +210,7 @@ def conv2d(x, w, b, pads, relu):
     def run(starts):
         for n0 in starts:
             m = min(step, n - n0)
-            length = c * m * plane
-            xp = _npb._scratch("wg_x", (2, 2, c, m, th + 1, tw + 1), x.dtype)
-            _parity_planes(x[n0:n0 + m], pads, th, tw, xp)
-            e = _npb._scratch("wg_e", (4, 2, length), x.dtype)
-            v = _npb._scratch("wg_v", (16, c, m * plane), x.dtype)
-            # tiles from flat index L - (tw+1) - 1 on would read past the planes: they are
-            # junk tiles (the last plane's row i = th), left as they are (never stored)
-            _input_transform(xp.reshape(2, 2, length), e, v.reshape(16, length), tw + 1, length - tw - 2)
+            v = _transformed_input(x[n0:n0 + m], pads, th, tw, False)
             mt = _npb._scratch("wg_m", (16, o, m * plane), x.dtype)
             np.matmul(u, v, out=mt)
             s = _npb._scratch("wg_s", (2, 4, o * m * plane), x.dtype)
@@ -247,16 +258,8 @@ def grad_weight(x, gy, pads):
         gu = np.zeros((16, o, c), x.dtype)
         for n0 in starts:
             m = min(step, n - n0)
-            length = c * m * plane
-            xp = _npb._scratch("wg_x", (2, 2, c, m, th + 1, tw + 1), x.dtype)
-            _parity_planes(x[n0:n0 + m], pads, th, tw, xp)
-            e = _npb._scratch("wg_e", (4, 2, length), x.dtype)
-            v = _npb._scratch("wg_v", (16, c, m * plane), x.dtype)
-            last = length - tw - 2
-            # the uncomputed junk tiles meet zero tile gradients in the GEMM: they must be
-            # finite, so they are zeroed here
-            v.reshape(16, length)[:, last:] = 0
-            _input_transform(xp.reshape(2, 2, length), e, v.reshape(16, length), tw + 1, last)
+            # the junk tiles meet zero tile gradients in the GEMM: they must be finite
+            v = _transformed_input(x[n0:n0 + m], pads, th, tw, True)
             gt = _npb._scratch("wg_g", (2, 2, o, m, th + 1, tw + 1), x.dtype)
             _tile_grads(gy, n0, m, th, tw, gt)
             gm = _npb._scratch("wg_m", (16, o, m * plane), x.dtype)

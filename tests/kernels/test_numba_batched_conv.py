@@ -10,7 +10,7 @@ import pytest
 
 from kernels import numba_backend as nbb
 from kernels import numpy_backend as npb
-from kernels import reference, threads
+from kernels import reference
 from kernels.checks import check_conv
 
 pytestmark = pytest.mark.skipif(nbb.availability() is not None, reason=str(nbb.availability()))
@@ -41,17 +41,6 @@ def _inputs(rng, case, dtype):
     b = rng.standard_normal(o).astype(dtype)
     gy = rng.standard_normal((n, o) + tuple(ohw)).astype(dtype)
     return x, wt, b, gy, st, pads
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def workers(request):
-    """1 or 2 worker threads (each chunk group on its own thread)."""
-    before = threads.blas_threads()
-    if request.param > 1 and not threads.has_blas_control():
-        pytest.skip("no BLAS thread control here: the kernels split over 1 thread")
-    threads.set_blas_threads(request.param)
-    yield request.param
-    threads.set_blas_threads(before)
 
 
 @pytest.fixture(params=[False, True], ids=["cache-chunks", "1-sample-chunks"])

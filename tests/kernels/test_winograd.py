@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import numba_backend, reference, threads, winograd
+from kernels import numba_backend, reference, winograd
 
 pytestmark = pytest.mark.skipif(winograd.njit is None, reason="numba is not importable")
 
@@ -34,57 +34,48 @@ def _inputs(rng, case, dtype):
             rng.standard_normal(o).astype(dtype), pads)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("chunk_cols", [1, 10 ** 6], ids=["1-sample-chunks", "one-chunk"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+CHUNKS = pytest.mark.parametrize("chunk_cols", [1, 10 ** 6], ids=["1-sample-chunks", "one-chunk"])
+DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+SHAPES = pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+
+
+def _tol(dtype):
+    return 2e-6 if dtype == np.float32 else 1e-13
+
+
+@CHUNKS
+@DTYPES
+@SHAPES
 def test_winograd_matches_the_oracle(rng, case, dtype, chunk_cols, workers, any_size, monkeypatch):
     monkeypatch.setattr(winograd, "CHUNK_COLS", chunk_cols)
-    before = threads.blas_threads()
-    if workers > 1 and not threads.has_blas_control():
-        pytest.skip("no BLAS thread control here")
-    threads.set_blas_threads(workers)
-    try:
-        x, w, b, pads = _inputs(rng, case, dtype)
-        assert winograd.applies(x.shape, w.shape, (1, 1), pads)
-        tol = 2e-6 if dtype == np.float32 else 1e-13
-        mag = reference.conv2d(np.abs(x), np.abs(w), np.abs(b), (1, 1), pads).astype(np.float64)
-        for bias in (b, None):
-            want = reference.conv2d(x.astype(np.float64), w.astype(np.float64),
-                                    None if bias is None else bias.astype(np.float64), (1, 1), pads)
-            for relu in (False, True):
-                got = winograd.conv2d(x, w, bias, pads, relu)
-                ref = np.maximum(want, 0) if relu else want
-                assert got.shape == want.shape and got.dtype == dtype
-                err = np.abs(got - ref) / (mag + 1e-30)
-                assert err.max() <= tol, err.max()
-    finally:
-        threads.set_blas_threads(before)
+    x, w, b, pads = _inputs(rng, case, dtype)
+    assert winograd.applies(x.shape, w.shape, (1, 1), pads)
+    mag = reference.conv2d(np.abs(x), np.abs(w), np.abs(b), (1, 1), pads).astype(np.float64)
+    for bias in (b, None):
+        want = reference.conv2d(x.astype(np.float64), w.astype(np.float64),
+                                None if bias is None else bias.astype(np.float64), (1, 1), pads)
+        for relu in (False, True):
+            got = winograd.conv2d(x, w, bias, pads, relu)
+            ref = np.maximum(want, 0) if relu else want
+            assert got.shape == want.shape and got.dtype == dtype
+            err = np.abs(got - ref) / (mag + 1e-30)
+            assert err.max() <= _tol(dtype), err.max()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("chunk_cols", [1, 10 ** 6], ids=["1-sample-chunks", "one-chunk"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@CHUNKS
+@DTYPES
+@SHAPES
 def test_winograd_weight_gradient_matches_the_oracle(rng, case, dtype, chunk_cols, workers, any_size, monkeypatch):
     monkeypatch.setattr(winograd, "CHUNK_COLS", chunk_cols)
-    before = threads.blas_threads()
-    if workers > 1 and not threads.has_blas_control():
-        pytest.skip("no BLAS thread control here")
-    threads.set_blas_threads(workers)
-    try:
-        x, w, _, pads = _inputs(rng, case, dtype)
-        y = reference.conv2d(x, w, None, (1, 1), pads)
-        gy = rng.standard_normal(y.shape).astype(dtype)
-        got = winograd.grad_weight(x, gy, pads)
-        want = reference.conv2d_grad_weight(x.astype(np.float64), gy.astype(np.float64), w.shape, (1, 1), pads)
-        mag = reference.conv2d_grad_weight(np.abs(x).astype(np.float64), np.abs(gy).astype(np.float64), w.shape,
-                                           (1, 1), pads)
-        assert got.shape == w.shape and got.dtype == dtype
-        err = np.abs(got - want) / (mag + 1e-30)
-        assert err.max() <= (2e-6 if dtype == np.float32 else 1e-13), err.max()
-    finally:
-        threads.set_blas_threads(before)
+    x, w, _, pads = _inputs(rng, case, dtype)
+    gy = rng.standard_normal(reference.conv2d(x, w, None, (1, 1), pads).shape).astype(dtype)
+    got = winograd.grad_weight(x, gy, pads)
+    want = reference.conv2d_grad_weight(x.astype(np.float64), gy.astype(np.float64), w.shape, (1, 1), pads)
+    mag = reference.conv2d_grad_weight(np.abs(x).astype(np.float64), np.abs(gy).astype(np.float64), w.shape,
+                                       (1, 1), pads)
+    assert got.shape == w.shape and got.dtype == dtype
+    err = np.abs(got - want) / (mag + 1e-30)
+    assert err.max() <= _tol(dtype), err.max()
 
 
 def test_applies_only_where_it_is_meant_to():
