@@ -494,16 +494,10 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     if gy.shape[0] == 1:
         return _conv2d_grad_input_cols_1(gy, w, x_shape, stride, pads)
     nb = _numpy_backend
-    c = int(w.shape[1])
-    if tuple(stride) == (1, 1) and c >= nb.FLIP_MIN_CHANNELS:
-        kh, kw = int(w.shape[2]), int(w.shape[3])
-        pt, pb, pl, pr = pads
-        tp = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
-        if min(tp) >= 0:
-            wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-            return _conv2d_batch(gy, wt, None, (1, 1), tp, False)
-    if (tuple(stride) != (1, 1) and c >= nb.S2D_MIN_CHANNELS
-            and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
+    route = nb.grad_input_route(w, stride, pads)
+    if route is not None and route[0] == "flip":
+        return _conv2d_batch(gy, route[1], None, (1, 1), route[2], False)
+    if route is not None:
         wt, inner_pads, spans_r, spans_c, covered = nb.s2d_plan(w, x_shape, stride, pads)
         g = nb._Geom(gy.shape, wt.shape, (1, 1), inner_pads)
         gx = (buffers.empty if covered else buffers.zeros)(tuple(int(v) for v in x_shape), gy.dtype)

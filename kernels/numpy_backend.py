@@ -331,19 +331,10 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
     (col2im), and the phases are scattered into gx (padding cropped; input pixels
     no window reached stay 0).
     """
-    if tuple(stride) == (1, 1) and w.shape[1] >= FLIP_MIN_CHANNELS:
-        # stride 1: the transposed conv is a plain conv of gy with the flipped, transposed
-        # kernel and "full minus pads" padding, so im2col + GEMM replaces GEMM + col2im
-        # (measured 1.1-1.25x faster at the paper's stride-1 layers with >= 32 input
-        # channels, batch 256; with 1 input channel the (1, O*kh*kw) GEMM is ~1.7x slower)
-        kh, kw = int(w.shape[2]), int(w.shape[3])
-        pt, pb, pl, pr = pads
-        tp = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
-        if min(tp) >= 0:
-            wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-            return conv2d(gy, wt, None, (1, 1), tp)
-    if (tuple(stride) != (1, 1) and w.shape[1] >= S2D_MIN_CHANNELS
-            and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
+    route = grad_input_route(w, stride, pads)
+    if route is not None and route[0] == "flip":
+        return conv2d(gy, route[1], None, (1, 1), route[2])
+    if route is not None:
         return _grad_input_s2d(gy, w, x_shape, stride, pads)
     g = _Geom(x_shape, w.shape, stride, pads)
     n = int(x_shape[0])
@@ -369,6 +360,29 @@ def conv2d_grad_input(gy, w, x_shape, stride, pads):
 
     _run_groups(_groups(n, step), run)
     return gx
+
+
+def grad_input_route(w, stride, pads):
+    """How a batch's grad_input runs, for every CPU backend that shares these GEMMs:
+    ("flip", wt, pads') for stride 1, ("s2d",) for a stride that divides the kernel, or
+    None for GEMM + col2im.
+
+    Stride 1: the transposed conv is a plain conv of gy with the flipped, transposed
+    kernel wt and "full minus pads" padding pads', so im2col + GEMM replaces GEMM + col2im
+    (measured 1.1-1.25x faster at the paper's stride-1 layers with >= 32 input channels,
+    batch 256; with 1 input channel the (1, O*kh*kw) GEMM is ~1.7x slower). Stride s: see
+    _grad_input_s2d.
+    """
+    if tuple(stride) == (1, 1) and w.shape[1] >= FLIP_MIN_CHANNELS:
+        kh, kw = int(w.shape[2]), int(w.shape[3])
+        pt, pb, pl, pr = pads
+        tp = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
+        if min(tp) >= 0:
+            return "flip", np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]), tp
+    if (tuple(stride) != (1, 1) and w.shape[1] >= S2D_MIN_CHANNELS
+            and w.shape[2] % stride[0] == 0 and w.shape[3] % stride[1] == 0):
+        return ("s2d",)
+    return None
 
 
 def _grad_input_s2d(gy, w, x_shape, stride, pads):

@@ -58,6 +58,8 @@ MIN_CHANNELS = 16
 # Largest ratio of computed tiles (th+1)(tw+1) to real ones th*tw: the junk tiles' GEMM
 # work decides it (it passed im2col at 32x32 outputs, ratio 1.13; not at 16x16, 1.27).
 MAX_TILE_RATIO = 1.15
+# G of the docstring (exact in binary): U = G g G^T, and gw = G^T gU G
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # Target tile columns (samples x (th+1)(tw+1)) of one chunk's 16 GEMMs.
 CHUNK_COLS = 1024
 
@@ -83,7 +85,7 @@ def applies(x_shape, w_shape, stride, pads) -> bool:
 
 def kernel_transform(w) -> np.ndarray:
     """w (O, C, 3, 3) -> U (16, O, C): U[4k + l] = (G w G^T)[k, l], in w's dtype."""
-    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=w.dtype)
+    g = _G.astype(w.dtype)
     u = np.einsum("ki,ocij,lj->kloc", g, w, g)
     return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]))
 
@@ -273,5 +275,5 @@ def grad_weight(x, gy, pads):
     gu = parts[0]
     for other in parts[1:]:
         gu += other
-    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=x.dtype)
+    g = _G.astype(x.dtype)
     return np.ascontiguousarray(np.einsum("ka,klod,lb->odab", g, gu.reshape(4, 4, o, c), g))
