@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the gradients' global l2 norm to this")
     t.add_argument("--converge-start", action="store_true",
                    help="converge the power iterates before the first step (authors' code)")
+    t.add_argument("--power-grad", action="store_true",
+                   help="differentiate K_sub through each step's power iterations (authors' "
+                        "code); default: the iterates are held fixed in the gradient")
     t.add_argument("--val", type=_val_count, default=5000,
                    help="validation points held out of the training set (stratified, from "
                         "--seed); best.npz is chosen on them. 0: choose on the test set (warned)")
@@ -346,7 +349,7 @@ def train_config(args):
         batch=args.batch, lr=args.lr, lr_schedule=args.lr_decay, lr_lb=args.lr_lb,
         lr_steps=args.lr_steps, lr_gamma=args.lr_gamma, lr_warmup=epochs_of(args.lr_warmup),
         lr_lag=args.lr_lag, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        converge_start=args.converge_start, val=args.val, test_every_epoch=args.test_every_epoch,
+        converge_start=args.converge_start, power_grad=args.power_grad, val=args.val, test_every_epoch=args.test_every_epoch,
         warmup=round(epochs_of(args.warmup)), power_iters=args.power_iters, augment=args.augment,
         seed=args.seed, out=args.out, limit=args.limit, test_limit=args.test_limit,
         progress=not args.no_progress and sys.stderr.isatty(), plot=args.plot,

@@ -107,6 +107,29 @@ class Layer(Module):
         its gradient reaches the weight only."""
         return F.l2_norm(self.forward(Tensor(self.iterate), bias=False))
 
+    def adjoint_tensor(self, u):
+        """A^T u as a Tensor differentiable in u and the weight: u (N, *out_shape) -> (N, *in_shape)."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable adjoint")
+
+    def sigma_unrolled(self, iters: int):
+        """Training estimate ||A x|| / ||x|| with x = (A^T A)^iters v, normalised before each
+        step, from the stored iterate v: the steps are in the graph, so the gradient also
+        reaches the weight through x (the authors' TensorFlow code; ``sigma`` holds v fixed).
+        Stores x / ||x|| as the new iterate. The value is that of ``iters`` power steps and
+        then ``sigma``. A zero norm stops the steps as ``power_steps`` does: estimate 0.
+        """
+        x = Tensor(self.iterate)
+        for _ in range(int(iters)):
+            n = F.l2_norm(x)
+            if not float(n.data) > 0:
+                return F.l2_norm(self.forward(Tensor(self.iterate), bias=False)) * 0.0
+            x = self.adjoint_tensor(self.forward(x / n, bias=False))
+        n = F.l2_norm(x)
+        if not float(n.data) > 0:
+            return F.l2_norm(self.forward(Tensor(self.iterate), bias=False)) * 0.0
+        self.iterate = array_module(x.data).ascontiguousarray(x.data / n.data)
+        return F.l2_norm(self.forward(x, bias=False)) / n
+
     def array_shapes(self, i: int) -> dict:
         """{checkpoint array name: shape} of layer ``i``."""
         return {f"param.{i}.weight": self.w_shape, f"param.{i}.bias": (self.w_shape[0],),
@@ -227,6 +250,9 @@ class Conv(Layer):
         """A^T u: u (N, *out_shape) -> (N, *in_shape)."""
         return kernels.conv2d_adjoint(u, w, (u.shape[0],) + self.in_shape, self.stride, self.padding)
 
+    def adjoint_tensor(self, u):
+        return F.conv2d_transpose(u, self.weight, (u.shape[0],) + self.in_shape, self.stride, self.padding)
+
     def kernel_args(self, w, v) -> tuple:
         """The resolved (stride, pads) that the backend's conv kernels take after (v, w, ...)."""
         s, pads, _ = check_conv(v.shape, w, self.stride, self.padding)
@@ -303,6 +329,9 @@ class Dense(Layer):
     def adjoint(self, w, u):
         """A^T u = u W: (N, units) -> (N, n_in)."""
         return kernels.dense_adjoint(u, w)
+
+    def adjoint_tensor(self, u):
+        return F.matmul(u, self.head_weight())
 
     def kernel_args(self, w, v) -> tuple:
         return ()
@@ -418,6 +447,9 @@ class LiResNet(Conv):
     def adjoint(self, w, u):
         return super().adjoint(w, u) + u
 
+    def adjoint_tensor(self, u):
+        return super().adjoint_tensor(u) + u
+
     def raw_ops(self, w, v):
         fa, fb = super().raw_ops(w, v)
         return (lambda a: fa(a) + a), (lambda b: fb(b) + b)
@@ -491,6 +523,9 @@ class FixedLayer(Layer):
 
     def sigma(self):
         return self.norm   # a constant: no gradient
+
+    def sigma_unrolled(self, iters: int):
+        return self.norm
 
     def array_shapes(self, i):
         return {}

@@ -200,10 +200,18 @@ class GloroNet:
         Layers 0 .. upto-1 (default all)."""
         return [layer.sigma() for layer in self.layers[:upto]]
 
-    def k_sub_tensor(self) -> Tensor:
-        """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor)."""
+    def k_sub_tensor(self, unrolled: int | None = None) -> Tensor:
+        """Training K_sub = prod of sigma_i over all layers but the last (a scalar Tensor).
+
+        unrolled=n: each sigma_i comes from n power steps taken in the graph
+        (Layer.sigma_unrolled), which also update the iterates; None: the stored iterates
+        held constant (Layer.sigma)."""
         k = Tensor(self.xp.ones((), dtype=self.dtype))
-        for s in self.layer_sigmas(upto=self.num_layers - 1):
+        if unrolled is None:
+            sigmas = self.layer_sigmas(upto=self.num_layers - 1)
+        else:
+            sigmas = [layer.sigma_unrolled(unrolled) for layer in self.layers[:self.num_layers - 1]]
+        for s in sigmas:
             k = k * s
         return k
 
@@ -214,9 +222,12 @@ class GloroNet:
         y = self.forward(x)
         return losses.gloro_logits(y, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, self.variant)
 
-    def loss(self, x, y, loss="ce", eps=None, lam=None, power_iters=None, trades_form="kl") -> Tensor:
+    def loss(self, x, y, loss="ce", eps=None, lam=None, power_iters=None, trades_form="kl",
+             power_grad=False) -> Tensor:
         """Scalar training loss (nn Tensor) at eps (default eps_train). Runs ``power_iters``
-        power steps first.
+        power steps first: outside the graph (K_sub's gradient holds the iterates fixed), or
+        with power_grad=True inside it, differentiated through (as the authors' code does;
+        the same K_sub value, a different gradient; the last layer's iterate is left as is).
 
         loss "ce": CE on the m+1 GloRo logits; "trades": CE(f(x), y) + lam * L(f̄(x), softmax f(x))
         with L = KL (trades_form="kl") or CE ("ce"); "emma": CE on EMMA's per-class
@@ -228,12 +239,13 @@ class GloroNet:
         iters = self.power_iters if power_iters is None else int(power_iters)
         xd, _ = self._check_x(x)
         lab = self._check_labels(y, xd.shape[0])
-        if iters:
+        if iters and not power_grad:
             self.power_update(iters)
         f = self.forward(Tensor(xd))
+        k_sub = self.k_sub_tensor(unrolled=iters if power_grad else None)
         if loss == "emma":
-            return losses.emma(f, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, lab)
-        gl = losses.gloro_logits(f, self.layers[-1].head_weight(), self.k_sub_tensor(), eps, self.variant)
+            return losses.emma(f, self.layers[-1].head_weight(), k_sub, eps, lab)
+        gl = losses.gloro_logits(f, self.layers[-1].head_weight(), k_sub, eps, self.variant)
         if loss == "ce":
             return losses.gloro_ce(gl, lab)
         lam = self.lam if lam is None else check_real(lam, "lam")

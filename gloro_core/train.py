@@ -87,6 +87,7 @@ class TrainConfig:
     weight_decay: float = 0.0   # decoupled (AdamW): p <- p (1 - lr wd) before the Adam step
     grad_clip: float | None = None  # clip the global gradient l2 norm to this
     converge_start: bool = False  # converge the power iterates before the first step (authors' code)
+    power_grad: bool = False    # differentiate K_sub through the step's power iterations (authors' code)
     val: int = 5000             # validation points held out of the training set; 0: none
     test_every_epoch: bool = False  # also evaluate the test set each epoch (curves only)
     warmup: int = 0             # epochs of standard (non-GloRo) training first
@@ -558,7 +559,7 @@ def _train_locked(cfg, plan, run, resume, log, dataset, comm) -> list[dict]:
                 loss = net.standard_loss(xb, yb)
             else:
                 loss = net.loss(xb, yb, loss=cfg.loss, eps=vals["eps"], lam=vals["lam"],
-                                power_iters=cfg.power_iters)
+                                power_iters=cfg.power_iters, power_grad=cfg.power_grad)
             loss.backward()
             # K ranks: one all-reduce turns the parts' gradients and losses into the global
             # batch's means on every rank (so every rank decides alike below); one process:

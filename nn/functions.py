@@ -701,6 +701,27 @@ def conv2d(x, w, b=None, stride=1, padding="same", relu=False) -> Tensor:
     return make_result(out, parents, backward, "conv2d_relu" if relu else "conv2d")
 
 
+def conv2d_transpose(u, w, x_shape, stride=1, padding="same") -> Tensor:
+    """A^T u for the conv operator A of ``conv2d(., w, None, stride, padding)`` on inputs
+    of shape x_shape (N, C, H, W): u (N, O, OH, OW) -> (N, C, H, W), differentiable in u and w.
+
+    Backward from <A^T u, g> = <u, A g>: gu = A g (a conv of g), gw = the weight gradient
+    of that conv with input g and output gradient u.
+    """
+    u, w, _ = _kernel_operands(u, w, None)
+    x_shape = tuple(int(v) for v in x_shape)
+    out = kernels.conv2d_adjoint(_contig(u.data), _contig(w.data), x_shape, stride, padding)
+    kh, kw = w.shape[2], w.shape[3]
+
+    def backward(g):
+        g = _contig(g)
+        gu = kernels.conv2d(g, _contig(w.data), None, stride, padding) if u.requires_grad else None
+        gw = kernels.conv2d_grad_weight(g, _contig(u.data), (kh, kw), stride, padding) if w.requires_grad else None
+        return gu, gw
+
+    return make_result(out, (u, w), backward, "conv2d_transpose")
+
+
 def dense(x, w, b=None, relu=False) -> Tensor:
     """x (N, in), w (out, in), b (out,) or None -> x w^T + b, (N, out).
 
