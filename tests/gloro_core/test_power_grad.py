@@ -95,3 +95,15 @@ def test_train_with_power_grad(tmp_path):
     b = train(TrainConfig(out=str(tmp_path / "b"), epochs=2, **tiny), log=lambda *a: None)
     assert all(np.isfinite(m["loss"]) for m in a) and a[1]["loss"] < a[0]["loss"]
     assert a[0]["loss"] != b[0]["loss"]    # the option reaches the step
+
+
+def test_a_zero_operator_gives_zero_and_keeps_the_iterate():
+    """As power_steps: A v = 0 stops the steps, the estimate is 0 (no NaN), v is kept."""
+    net = _net()
+    layer = net.layers[0]
+    layer.weight.data[...] = 0.0
+    v0 = layer.iterate.copy()
+    s = layer.sigma_unrolled(3)
+    s.backward()
+    assert float(s.data) == 0.0 and np.isfinite(layer.weight.grad).all()
+    np.testing.assert_array_equal(layer.iterate, v0)
