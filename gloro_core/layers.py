@@ -118,15 +118,15 @@ class Layer(Module):
         Stores x / ||x|| as the new iterate. The value is that of ``iters`` power steps and
         then ``sigma``. A zero norm stops the steps as ``power_steps`` does: estimate 0.
         """
+        iters = int(iters)
         x = Tensor(self.iterate)
-        for _ in range(int(iters)):
+        for step in range(iters + 1):
             n = F.l2_norm(x)
-            if not float(n.data) > 0:
+            if not float(n.data) > 0:   # A^T A annihilated the iterate: 0, the weight's gradient 0
                 return F.l2_norm(self.forward(Tensor(self.iterate), bias=False)) * 0.0
+            if step == iters:
+                break
             x = self.adjoint_tensor(self.forward(x / n, bias=False))
-        n = F.l2_norm(x)
-        if not float(n.data) > 0:
-            return F.l2_norm(self.forward(Tensor(self.iterate), bias=False)) * 0.0
         self.iterate = array_module(x.data).ascontiguousarray(x.data / n.data)
         return F.l2_norm(self.forward(x, bias=False)) / n
 
