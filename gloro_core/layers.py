@@ -123,7 +123,7 @@ class Layer(Module):
         for step in range(iters + 1):
             n = F.l2_norm(x)
             if not float(n.data) > 0:   # A^T A annihilated the iterate: 0, the weight's gradient 0
-                return F.l2_norm(self.forward(Tensor(self.iterate), bias=False)) * 0.0
+                return self.sigma() * 0.0
             if step == iters:
                 break
             x = self.adjoint_tensor(self.forward(x / n, bias=False))
